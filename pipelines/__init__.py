@@ -1,0 +1,1 @@
+"""Pipelines: the `tokenprio` CLI and end-to-end jobs that wire scoring and training together."""

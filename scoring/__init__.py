@@ -1,0 +1,1 @@
+"""Scoring: the shard contract, the Φ library and the scoring backends. Never imports `training`."""
