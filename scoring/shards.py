@@ -276,3 +276,43 @@ def read_table(path: Path, columns: list[str] | None = None, validate: bool = Tr
     if validate and columns is None:
         validate_table(table, str(path))
     return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Flat token views of a table (for Φ evaluation by `score`, `reweight` and the trainer)
+
+
+def flat_token_columns(table: pa.Table, names: list[str]) -> tuple[dict, list[str]]:
+    """Flatten aligned list columns of `table` into 1-D torch tensors over all positions of all rows.
+
+    Returns (tokens, label_names). tokens always has "loss_mask" (bool) and "seq_index" (int64 row index),
+    plus each requested column: float32 for statistics and `weight`, and for "label" int64 codes into
+    label_names (-1 where no label). The tensors own their memory (Arrow buffers are read-only).
+    """
+    import torch
+
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+    tokens = {
+        "loss_mask": torch.from_numpy(pc.list_flatten(table.column("loss_mask")).to_numpy(zero_copy_only=False).copy()),
+        "seq_index": torch.from_numpy(np.repeat(np.arange(table.num_rows, dtype=np.int64), lengths)),
+    }
+    label_names: list[str] = []
+    for name in names:
+        if name in ("loss_mask", "seq_index"):
+            continue
+        flat = pc.list_flatten(table.column(name))
+        if name == "label":
+            encoded = pc.dictionary_encode(flat).combine_chunks()
+            label_names = [str(v) for v in encoded.dictionary.to_pylist()]
+            codes = encoded.indices.to_numpy(zero_copy_only=False)
+            codes = np.where(pc.is_null(encoded.indices).to_numpy(zero_copy_only=False), -1, codes).astype(np.int64)
+            tokens["label"] = torch.from_numpy(codes)
+        else:
+            tokens[name] = torch.from_numpy(np.array(flat.to_numpy(zero_copy_only=False), dtype=np.float32))
+    return tokens, label_names
+
+
+def unflatten(values: np.ndarray, lengths: np.ndarray) -> pa.Array:
+    """Inverse of flattening: a list<float32> Arrow array with rows of the given lengths."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.float32, copy=False)))
