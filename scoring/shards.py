@@ -105,29 +105,44 @@ def write_shard_file(table: pa.Table, out_dir: Path, index: int) -> dict:
     """Write one shard atomically (temporary name, fsync, rename) and return its manifest entry.
 
     The bytes depend only on the table and its metadata (no creation time), so a rerun that computes
-    the same table writes the same file and the same checksum.
+    the same table writes the same file and the same checksum. Row groups hold about ROW_GROUP_TOKENS.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_path, final_path = out_dir / tmp_name(index), out_dir / shard_name(index)
     n_tokens = table.column("n_tokens").to_numpy()
-    n_targets = table.column("n_targets").to_numpy()
-    row_groups = []
     with pq.ParquetWriter(tmp_path, table.schema, compression="zstd", write_statistics=False) as writer:
         for start, end in row_group_slices(n_tokens):
             writer.write_table(table.slice(start, end - start), row_group_size=max(1, end - start))
-            row_groups.append(
-                {"rows": end - start, "tokens": int(n_tokens[start:end].sum()), "targets": int(n_targets[start:end].sum())}
-            )
     with open(tmp_path, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp_path, final_path)
+    return shard_entry(final_path)
+
+
+def shard_entry(path: Path) -> dict:
+    """The manifest entry of a written shard, read back from the file: sizes per row group and checksum."""
+    parquet = pq.ParquetFile(path)
+    row_groups = []
+    for i in range(parquet.num_row_groups):
+        sizes = parquet.read_row_group(i, columns=["n_tokens", "n_targets"])
+        row_groups.append(
+            {
+                "rows": sizes.num_rows,
+                "tokens": int(pc.sum(sizes.column("n_tokens")).as_py() or 0),
+                "targets": int(pc.sum(sizes.column("n_targets")).as_py() or 0),
+            }
+        )
+    shard_info = read_metadata(path).get("shard", {})
     return {
-        "file": final_path.name,
-        "index": index,
-        "rows": table.num_rows,
-        "tokens": int(n_tokens.sum()),
-        "targets": int(n_targets.sum()),
-        "sha256": sha256_file(final_path),
+        "file": path.name,
+        "index": int(path.name[len("part-") : -len(".parquet")]),
+        "rows": sum(g["rows"] for g in row_groups),
+        "tokens": sum(g["tokens"] for g in row_groups),
+        "targets": sum(g["targets"] for g in row_groups),
+        "records": shard_info.get("records", 0),
+        "skipped_records": shard_info.get("skipped_records", 0),
+        "truncated_tokens": shard_info.get("truncated_tokens", 0),
+        "sha256": sha256_file(path),
         "row_groups": row_groups,
     }
 
@@ -146,7 +161,7 @@ def manifest_checksum(manifest: dict) -> str:
 
 def build_manifest(shards: list[dict], metadata: dict, totals_extra: dict | None = None) -> dict:
     shards = sorted(shards, key=lambda s: s["index"])
-    totals = {key: sum(s[key] for s in shards) for key in ("rows", "tokens", "targets")}
+    totals = {key: sum(s.get(key, 0) for s in shards) for key in ("records", "skipped_records", "truncated_tokens", "rows", "tokens", "targets")}
     totals.update(totals_extra or {})
     manifest = {"schema_version": SCHEMA_VERSION, "metadata": metadata, "totals": totals, "shards": shards}
     manifest["checksum"] = manifest_checksum(manifest)

@@ -1,0 +1,129 @@
+"""Hugging Face transformers scoring backend: reference statistics for windows of token ids.
+
+The forward pass stops at the final hidden states; `scoring.stats.token_stats` applies the output layer
+in float32 chunks, so no (B, T, V) logits tensor is ever built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scoring.stats import check_head_matches_logits, chunk_rows_for_budget, final_hidden, token_stats
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(requested: str) -> tuple[torch.device, str]:
+    """`auto` picks CUDA when present, else CPU. Returns the device and the reason, for printing once."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda"), f"auto: CUDA available ({torch.cuda.get_device_name(0)})"
+        return torch.device("cpu"), "auto: no CUDA device"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {requested}: CUDA is not available on this machine. Use --device cpu.")
+    return torch.device(requested), "requested"
+
+
+def resolve_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """Model weights dtype. `auto`: bfloat16 on CUDA with bf16 support, else float32 (CPU bf16 is slow and inexact)."""
+    if requested == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: CUDA with bf16 support"
+        return torch.float32, f"auto: {device.type} (float32 is exact and fastest on CPU)"
+    if requested not in DTYPES:
+        raise ValueError(f"--dtype {requested!r}: choose one of auto, {', '.join(DTYPES)}.")
+    return DTYPES[requested], "requested"
+
+
+def check_model_path(model: str) -> None:
+    """A local path that does not exist is an error now, before anything loads."""
+    looks_local = model.startswith((".", "/", "~")) or Path(model).exists() or model.count("/") != 1
+    if looks_local and not Path(model).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"--model {model}: no such model folder. Give a local Hugging Face model folder (config.json + "
+            "safetensors) or a hub id of the form org/name that is in the local cache."
+        )
+
+
+def load_hf_model(model: str, *, revision: str | None, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
+    """Load a causal LM for scoring (eval mode, safetensors only) and check its head reproduces its logits."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(
+            model, revision=revision, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as error:
+        raise FileNotFoundError(f"--model {model}: could not load a safetensors causal LM ({error}).") from error
+    lm = lm.to(device).eval()
+    check_head_matches_logits(lm, device)
+    return lm
+
+
+def batches_by_tokens(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Group window indices, sorted by length, into batches whose padded size B × T_max ≤ batch_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, current, longest = [], [], 0
+    for i in order:
+        grown = max(longest, lengths[i])
+        if current and grown * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, grown = [], lengths[i]
+        current.append(i)
+        longest = grown
+    if current:
+        batches.append(current)
+    return batches
+
+
+@torch.no_grad()
+def score_windows_hf(
+    model, windows: list[list[int]], *, device: torch.device, batch_tokens: int, logits_budget_bytes: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Reference statistics for each window of token ids.
+
+    Returns, per window, (logprob, entropy): float32 arrays of the window's length in nats; position 0 is
+    NaN (nothing predicts the first token) and position t holds log p(x_t | x_<t) and H(p(· | x_<t)).
+    Windows are batched by length with right padding; a window's result does not depend on its batch.
+    """
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    chunk_rows = chunk_rows_for_budget(vocab_size, logits_budget_bytes)
+    results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(windows)
+    pad_id = 0
+    for batch in batches_by_tokens([len(w) for w in windows], batch_tokens):
+        lengths = torch.tensor([len(windows[i]) for i in batch])
+        input_ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
+        for row, i in enumerate(batch):
+            input_ids[row, : lengths[row]] = torch.tensor(windows[i])
+        attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
+        hidden = final_hidden(model, input_ids.to(device), attention_mask.to(device))  # (B, T, D)
+        # Position t-1 predicts token t: keep t in [1, length) of each row.
+        predicts = attention_mask[:, 1:].bool()  # (B, T-1)
+        targets = input_ids[:, 1:][predicts].to(device)  # (N,)
+        logprob, entropy = token_stats(model, hidden[:, :-1][predicts.to(device)], targets, chunk_rows=chunk_rows)
+        logprob, entropy = logprob.float().cpu().numpy(), entropy.float().cpu().numpy()
+        start = 0
+        for row, i in enumerate(batch):
+            n = int(lengths[row]) - 1
+            lp = np.full(n + 1, np.nan, dtype=np.float32)
+            ent = np.full(n + 1, np.nan, dtype=np.float32)
+            lp[1:], ent[1:] = logprob[start : start + n], entropy[start : start + n]
+            results[i] = (lp, ent)
+            start += n
+    return results  # type: ignore[return-value]
+
+
+def hf_model_info(model_name: str, revision: str | None, dtype: torch.dtype) -> dict:
+    import transformers
+
+    return {
+        "name": model_name,
+        "revision": revision,
+        "dtype": str(dtype).removeprefix("torch."),
+        "backend": "hf",
+        "backend_version": transformers.__version__,
+        "entropy": "exact",
+    }
