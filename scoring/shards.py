@@ -297,12 +297,13 @@ def read_table(path: Path, columns: list[str] | None = None, validate: bool = Tr
 # Flat token views of a table (for Φ evaluation by `score`, `reweight` and the trainer)
 
 
-def flat_token_columns(table: pa.Table, names: list[str]) -> tuple[dict, list[str]]:
+def flat_token_columns(table: pa.Table, names: list[str], label_names: list[str] | None = None) -> tuple[dict, list[str]]:
     """Flatten aligned list columns of `table` into 1-D torch tensors over all positions of all rows.
 
     Returns (tokens, label_names). tokens always has "loss_mask" (bool) and "seq_index" (int64 row index),
     plus each requested column: float32 for statistics and `weight`, and for "label" int64 codes into
-    label_names (-1 where no label). The tensors own their memory (Arrow buffers are read-only).
+    label_names (-1 where no label). Pass the same `label_names` list across tables to keep codes
+    consistent: it is extended in place with new labels. The tensors own their memory.
     """
     import torch
 
@@ -311,17 +312,19 @@ def flat_token_columns(table: pa.Table, names: list[str]) -> tuple[dict, list[st
         "loss_mask": torch.from_numpy(pc.list_flatten(table.column("loss_mask")).to_numpy(zero_copy_only=False).copy()),
         "seq_index": torch.from_numpy(np.repeat(np.arange(table.num_rows, dtype=np.int64), lengths)),
     }
-    label_names: list[str] = []
+    label_names = [] if label_names is None else label_names
     for name in names:
         if name in ("loss_mask", "seq_index"):
             continue
         flat = pc.list_flatten(table.column(name))
         if name == "label":
             encoded = pc.dictionary_encode(flat).combine_chunks()
-            label_names = [str(v) for v in encoded.dictionary.to_pylist()]
-            codes = encoded.indices.to_numpy(zero_copy_only=False)
-            codes = np.where(pc.is_null(encoded.indices).to_numpy(zero_copy_only=False), -1, codes).astype(np.int64)
-            tokens["label"] = torch.from_numpy(codes)
+            for value in encoded.dictionary.to_pylist():
+                if value not in label_names:
+                    label_names.append(value)
+            to_global = np.array([label_names.index(v) for v in encoded.dictionary.to_pylist()] + [-1], dtype=np.int64)
+            local = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+            tokens["label"] = torch.from_numpy(to_global[local])  # local -1 picks the trailing -1
         else:
             tokens[name] = torch.from_numpy(np.array(flat.to_numpy(zero_copy_only=False), dtype=np.float32))
     return tokens, label_names

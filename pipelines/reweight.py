@@ -1,0 +1,86 @@
+"""`tokenprio reweight`: recompute Φ from stored statistics into a new shard folder, without a model.
+
+Global terms (Token Cleaning's corpus-wide top-k, the Forgetting split) are resolved first by one pass
+over the stored columns into a literal threshold, which is recorded in the spec, the shards' metadata
+and the manifest, so the trainer can evaluate the same Φ batch by batch.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipelines.score import parse_offline_priority, with_metadata, with_weights
+from scoring.priority import parse_priority, resolve_global
+from scoring.shards import (
+    MANIFEST_NAME,
+    ShardSet,
+    build_manifest,
+    flat_token_columns,
+    open_shards,
+    read_metadata,
+    read_table,
+    write_json_atomic,
+    write_shard_file,
+)
+
+
+@dataclass(frozen=True)
+class ReweightConfig:
+    shards: str  # source shard folder
+    priority: str  # Φ spec over stored columns
+    out: str  # new shard folder (never the source)
+
+
+def available_columns(source: ShardSet) -> set[str]:
+    return {"weight", "label"} | {f"{p}_{s}" for p in source.stat_prefixes for s in ("logprob", "entropy")}
+
+
+def resolve_spec(source: ShardSet, spec: str):
+    """Parse the spec against the stored columns and resolve its global terms over the whole corpus."""
+    priority = parse_priority(spec, available_columns(source))
+    if priority.unresolved_global:
+
+        label_names: list[str] = []  # one code table for the whole corpus, grown shard by shard
+
+        def batches():
+            for path in source.paths:
+                table = read_table(path, columns=["input_ids", "loss_mask", *sorted(priority.columns)], validate=False)
+                yield flat_token_columns(table, sorted(priority.columns), label_names)[0]
+
+        shard_batches = tqdm(batches(), total=len(source.paths), desc="resolve global terms", unit="shard", file=sys.stderr)
+        priority = resolve_global(priority, shard_batches, label_names=label_names)
+    return parse_offline_priority(priority.text, available_columns(source))
+
+
+def reweight(cfg: ReweightConfig) -> dict:
+    """Write `cfg.out`: the source shards with `weight` = Φ(cfg.priority). Returns the new manifest."""
+    # ---- checks before any work
+    source = open_shards(cfg.shards)
+    out = Path(cfg.out)
+    if out.resolve() == source.folder.resolve():
+        raise ValueError(f"--out {out} is the source folder; write the reweighted shards to a new folder.")
+    if (out / MANIFEST_NAME).exists():
+        raise ValueError(f"--out {out} already holds a shard set; choose a new folder.")
+    priority = resolve_spec(source, cfg.priority)
+    print(f"priority: {priority.text}")
+
+    # ---- one pass: Φ per shard, same rows, new weight column and spec in the metadata
+    entries = []
+    for path in tqdm(source.paths, desc="reweight", unit="shard", file=sys.stderr):
+        table = read_table(path)
+        metadata = read_metadata(path) | {"priority": priority.text}
+        table = with_metadata(with_weights(table, priority), metadata)
+        entries.append(write_shard_file(table, out, int(path.name[5:10])))
+
+    # ---- manifest
+    metadata = read_metadata(out / entries[0]["file"])
+    metadata.pop("shard", None)
+    manifest = build_manifest(entries, metadata)
+    manifest["config"] = source.manifest.get("config", {}) | {"priority": priority.text}
+    manifest["reweighted_from"] = {"folder": str(source.folder), "checksum": source.manifest["checksum"], "spec": cfg.priority}
+    write_json_atomic(out / MANIFEST_NAME, manifest)
+    return manifest
