@@ -15,6 +15,89 @@ def fail(error: Exception) -> None:
 
 # ---- score / reweight ------------------------------------------------------------------------
 
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Optional  # noqa: E402
+
+PriorityOpt = Annotated[str, typer.Option("--priority", help="Φ spec, e.g. 'highpass(min_nll=0.3)' or 'labels(toxic=-1)'. See docs/priority.md.")]
+
+
+@app.command()
+def score(
+    inputs: Annotated[list[str], typer.Argument(help="JSONL/JSON/Parquet/CSV files or dataset names; or ONE shard folder to add a second model.")],
+    out: Annotated[Optional[str], typer.Option(help="Shard folder to write.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Reference model (local HF folder or hub id). Omit, with --tokenizer, for unscored shards.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer (default: the model's).")] = None,
+    prefix: Annotated[str, typer.Option(help="Column prefix for this model's statistics: ref, base, ...")] = "ref",
+    backend: Annotated[str, typer.Option(help="hf | vllm")] = "hf",
+    priority: PriorityOpt = "uniform",
+    text_field: Annotated[str, typer.Option(help="Field holding plain text.")] = "text",
+    messages_field: Annotated[str, typer.Option(help="Field holding chat messages (role/content).")] = "messages",
+    prompt_field: Annotated[str, typer.Option(help="Field holding the prompt of prompt/completion records.")] = "prompt",
+    completion_field: Annotated[str, typer.Option(help="Field holding the completion.")] = "completion",
+    id_field: Annotated[str, typer.Option(help="Field holding the record id (derived when absent).")] = "id",
+    spans_field: Annotated[str, typer.Option(help="Field holding character-span labels.")] = "spans",
+    chat_template: Annotated[Optional[str], typer.Option(help="Jinja chat template file, for tokenizers without one.")] = None,
+    split: Annotated[str, typer.Option(help="Split of Hugging Face datasets.")] = "train",
+    max_length: Annotated[int, typer.Option(help="Tokens per row; longer records are windowed.")] = 2048,
+    context: Annotated[int, typer.Option(help="Tokens repeated (unmasked) at the start of each later window.")] = 256,
+    long_docs: Annotated[str, typer.Option(help="window (score every token) | truncate (count dropped tokens).")] = "window",
+    records_per_shard: Annotated[int, typer.Option(help="Input records per shard file.")] = 10_000,
+    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward pass.")] = 16_384,
+    logits_budget_mb: Annotated[int, typer.Option(help="MiB of float32 logits held at once.")] = 256,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:i]")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16 (weights; the output layer is float32).")] = "auto",
+    revision: Annotated[Optional[str], typer.Option(help="Model revision (hub ids).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow custom model code from the model folder.")] = False,
+    num_tasks: Annotated[int, typer.Option(help="Independent processes scoring this corpus together.")] = 1,
+    task_index: Annotated[int, typer.Option(help="This process's task index in [0, num-tasks).")] = 0,
+    on_error: Annotated[str, typer.Option(help="raise | skip (bad records counted in the manifest).")] = "raise",
+    overwrite: Annotated[bool, typer.Option(help="Replace shards written with another configuration.")] = False,
+    in_place: Annotated[bool, typer.Option(help="Second-model mode: add the columns to the source shards.")] = False,
+    finalize: Annotated[bool, typer.Option("--finalize", help="Merge the task manifests of the folder INPUT (after all --num-tasks ran).")] = False,
+    tensor_parallel_size: Annotated[int, typer.Option(help="vLLM: GPUs per engine.")] = 1,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="vLLM: memory fraction for the engine.")] = 0.85,
+    vllm_entropy: Annotated[str, typer.Option(help="vLLM: exact | topk entropy.")] = "exact",
+) -> None:
+    """Score records with a reference model into Parquet shards (or add a second model to shards)."""
+    from pipelines.score import ScoreConfig, VllmOptions, finalize as finalize_folder, score as run_score
+    from scoring.inputs import FieldNames
+
+    try:
+        if finalize:
+            finalize_folder(inputs[0])
+            return
+        if out is None and not in_place:
+            raise ValueError("--out is required (or --in-place in second-model mode).")
+        fields = FieldNames(text=text_field, messages=messages_field, prompt=prompt_field, completion=completion_field, id=id_field, spans=spans_field)
+        cfg = ScoreConfig(
+            inputs=tuple(inputs), out=out or inputs[0], model=model, tokenizer=tokenizer, prefix=prefix, backend=backend,
+            priority=priority, fields=fields, chat_template=chat_template, split=split, max_length=max_length,
+            n_context=context, long_docs=long_docs, records_per_shard=records_per_shard, batch_tokens=batch_tokens,
+            logits_budget_mb=logits_budget_mb, device=device, dtype=dtype, revision=revision,
+            trust_remote_code=trust_remote_code, num_tasks=num_tasks, task_index=task_index, on_error=on_error,
+            overwrite=overwrite, in_place=in_place,
+            vllm=VllmOptions(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization, entropy=vllm_entropy),
+        )
+        run_score(cfg)
+    except (ValueError, FileNotFoundError) as error:
+        fail(error)
+
+
+@app.command()
+def reweight(
+    shards: Annotated[str, typer.Argument(help="Source shard folder.")],
+    priority: PriorityOpt,
+    out: Annotated[str, typer.Option(help="New shard folder.")],
+) -> None:
+    """Recompute Φ from stored statistics into a new shard folder (no model, seconds)."""
+    from pipelines.reweight import ReweightConfig, reweight as run_reweight
+
+    try:
+        run_reweight(ReweightConfig(shards=shards, priority=priority, out=out))
+    except (ValueError, FileNotFoundError) as error:
+        fail(error)
+
+
 # ---- inspect ---------------------------------------------------------------------------------
 
 # ---- train -----------------------------------------------------------------------------------
