@@ -1,0 +1,80 @@
+"""The weighted token loss L = Σ_t Φ_t·ℓ_t / Z and its normalisers (DESIGN "Loss, normalisation and the output head").
+
+Each micro-batch contributes the unnormalised Σ_t w_t·f(ℓ_t) with w = Φ detached; the trainer divides the
+summed gradients by the global Z once per optimizer step. f is the identity for Φ > 0; for Φ < 0 (gradient
+ascent, unlearning) it is chosen by `neg_loss`:
+
+    clip          Φ·ℓ while ℓ < c nats, else 0 (c defaults to ln V, the NLL of a uniform guess)
+    unlikelihood  |Φ|·(−log(1 − p)), p = exp(−ℓ) capped at 1 − 1e-6 (Welleck et al. 2019, arXiv 1908.04319)
+    none          Φ·ℓ, unbounded ascent
+
+Normalisers Z over the trainable tokens of the global batch (all micro-batches, all ranks), from Φ before
+any negative ramp:
+
+    tokens      number of loss_mask tokens (TRL's num_items_in_batch)
+    selected    number of tokens with Φ ≠ 0 (Rho-1, Token Cleaning)
+    abs_weight  Σ|Φ|
+    per_sign    positive part / N₊ + negative part / N₋ (Forgetting, arXiv 2508.04329), Z = 1
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NEG_LOSSES = ("clip", "unlikelihood", "none")
+NORMALIZERS = ("tokens", "selected", "abs_weight", "per_sign")
+UNLIKELIHOOD_MAX_P = 1.0 - 1e-6
+# Order of the entries of `normalizer_counts`.
+COUNT_NAMES = ("tokens", "selected", "abs_weight", "positive", "negative")
+
+
+def normalizer_counts(phi: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """(5,) float64: loss_mask tokens, Φ ≠ 0 tokens, Σ|Φ|, Φ > 0 tokens, Φ < 0 tokens (sum these over the global batch)."""
+    phi = phi.double()
+    return torch.stack([loss_mask.sum().double(), (phi != 0).sum().double(), phi.abs().sum(), (phi > 0).sum().double(), (phi < 0).sum().double()])
+
+
+def normalizer(counts: torch.Tensor, normalize: str) -> float:
+    """Z from the global counts; 1 for per_sign (its counts are folded into the weights, see sign_weights)."""
+    if normalize == "per_sign":
+        return 1.0 if counts[3] + counts[4] > 0 else 0.0
+    return float(counts[COUNT_NAMES.index(normalize)])
+
+
+def ramp_negative(phi: torch.Tensor, step: int, ramp_steps: int) -> torch.Tensor:
+    """Scale negative Φ by min(1, step / ramp_steps) (positive Φ untouched); the identity when ramp_steps = 0."""
+    if ramp_steps <= 0:
+        return phi
+    scale = min(1.0, step / ramp_steps)
+    return torch.where(phi < 0, phi * scale, phi)
+
+
+def sign_weights(phi: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """per_sign: Φ/N₊ on positive tokens and Φ/N₋ on negative ones (global counts)."""
+    positive, negative = max(float(counts[3]), 1.0), max(float(counts[4]), 1.0)
+    return torch.where(phi > 0, phi / positive, phi / negative)
+
+
+def token_terms(logprob: torch.Tensor, weight: torch.Tensor, *, neg_loss: str, clip_nats: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss terms w·f(ℓ) and which negative tokens were clipped.
+
+    logprob: (n,) float32 log p_student(x_t) with grad; weight: (n,) float32 detached (Φ after ramp and
+    per-sign division). Returns (terms (n,) float32, clipped (n,) bool). Terms are finite for every input.
+    """
+    nll = -logprob
+    negative = weight < 0
+    if neg_loss == "clip":
+        clipped = negative & (nll.detach() >= clip_nats)
+        negative_terms = weight * nll * (~clipped)
+    elif neg_loss == "unlikelihood":
+        clipped = torch.zeros_like(negative)
+        capped = logprob.clamp(max=math.log(UNLIKELIHOOD_MAX_P))
+        negative_terms = weight.abs() * -torch.log(-torch.expm1(capped))  # −log(1 − p), stable near p = 1
+    else:
+        clipped = torch.zeros_like(negative)
+        negative_terms = weight * nll
+    # Multiplying by masks (not torch.where) keeps the unused branch's gradient out of the sum.
+    terms = (weight * nll) * (~negative) + negative_terms * negative
+    return terms, clipped
