@@ -102,6 +102,42 @@ def reweight(
 
 # ---- train -----------------------------------------------------------------------------------
 
+
+@app.command()
+def train(
+    shards: Annotated[Path, typer.Argument(help="Scored shard folder (part-*.parquet + _manifest.json).")],
+    model: Annotated[Path, typer.Option(help="Student: a local Hugging Face model folder with its tokenizer (config.json alone: random init).")],
+    out: Annotated[Path, typer.Option(help="Run folder: config.json, metrics.jsonl, checkpoint-NNNNNN/.")],
+    priority: Annotated[str, typer.Option(help="Φ spec (docs/priority.md); 'stored' = the shards' weight column.")] = "stored",
+    normalize: Annotated[Optional[str], typer.Option(help="Z: tokens | selected | abs_weight | per_sign (default: implied by --priority).")] = None,
+    neg_loss: Annotated[str, typer.Option(help="Loss on Φ < 0 tokens: clip | unlikelihood | none (unbounded).")] = "clip",
+    neg_clip_nats: Annotated[Optional[float], typer.Option(help="clip: stop ascent once a token's NLL reaches this many nats (default ln V).")] = None,
+    neg_ramp: Annotated[int, typer.Option(help="Steps over which negative Φ ramps linearly from 0.")] = 0,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default: --epochs full passes).")] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the corpus when --steps is not given.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (warm-up, then cosine decay).")] = 3e-4,
+    warmup_ratio: Annotated[float, typer.Option(help="Share of the steps spent warming up.")] = 0.05,
+    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per micro-batch.")] = 8192,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per process per optimizer step.")] = 1,
+    seed: Annotated[int, typer.Option(help="Data order (and initial weights for a config-only student).")] = 0,
+    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 (autocast; the output layer stays float32).")] = "auto",
+    save_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: final only).")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")] = False,
+) -> None:
+    """Train a student on scored shards with per-token priority weights Φ (also under torchrun)."""
+    from training.train import TrainConfig, train as run_train
+
+    try:
+        cfg = TrainConfig(
+            shards=shards, model=model, out=out, priority=priority, normalize=normalize, neg_loss=neg_loss,
+            neg_clip_nats=neg_clip_nats, neg_ramp=neg_ramp, steps=steps, epochs=epochs, lr=lr, warmup_ratio=warmup_ratio,
+            batch_tokens=batch_tokens, grad_accum=grad_accum, seed=seed, dtype=dtype, save_every=save_every, resume=resume,
+        )
+        typer.echo(run_train(cfg))
+    except (ValueError, FileNotFoundError) as error:
+        fail(error)
+
+
 # ---- eval / demo -----------------------------------------------------------------------------
 
 
