@@ -497,7 +497,7 @@ def _excess(tokens: dict, args: dict) -> torch.Tensor:
 
 
 def _ceil_fraction(fraction: float, counts: torch.Tensor) -> torch.Tensor:
-    """⌈fraction · counts⌉ exactly (int64): the float product 0.7 · 10 is 7.000000000000001."""
+    """⌈fraction · counts⌉ exactly (int64): the float product 0.55 · 100 is 55.00000000000001."""
     ratio = Fraction(repr(fraction))
     return (counts * ratio.numerator + ratio.denominator - 1) // ratio.denominator
 
