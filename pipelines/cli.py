@@ -100,6 +100,26 @@ def reweight(
 
 # ---- inspect ---------------------------------------------------------------------------------
 
+
+@app.command("inspect")
+def inspect_command(
+    shards: Annotated[Path, typer.Argument(help="Shard folder (part-*.parquet + _manifest.json).")],
+    html: Annotated[Optional[Path], typer.Option(help="Write a self-contained HTML page of sample documents, tokens coloured by Φ.")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="Write a PNG histogram of Φ over trainable tokens.")] = None,
+    samples: Annotated[int, typer.Option(help="Documents shown in the HTML page (the first ones).")] = 5,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer folder to decode tokens (default: slices of the stored text).")] = None,
+) -> None:
+    """Summarise a shard folder: tokens, Φ distribution, labels, per-model NLL; optionally HTML and PNG views."""
+    from pipelines.inspect import InspectConfig, format_summary, inspect_shards
+
+    cfg = InspectConfig(shards=shards, html=html, png=png, samples=samples, tokenizer=tokenizer)
+    try:
+        summary = inspect_shards(cfg)
+    except (ValueError, FileNotFoundError) as error:
+        fail(error)
+    typer.echo(format_summary(summary))
+
+
 # ---- train -----------------------------------------------------------------------------------
 
 

@@ -66,12 +66,12 @@ ROWS = [
 TOKENS = [None, "Hi", " <b>", "!", None, "Ünï", " 😀", "x", "x", " yz"]
 
 
-def write_hand_shards(folder: Path, rows: list[dict] = ROWS, shard_rows: tuple = ((0,), (1, 2))) -> Path:
+def write_hand_shards(folder: Path, rows: list[dict] = ROWS, shard_rows: tuple = ((0,), (1, 2)), prefixes: tuple = ("ref", "base")) -> Path:
     """Write `rows` as shards (row indices per shard) with the contract's own writer and a manifest."""
     entries = []
     for index, members in enumerate(shard_rows):
         # Per-shard facts as the scorer records them; write_shards must not copy them onto new shards.
-        schema = shard_schema(["ref", "base"], METADATA | {"shard": {"index": index, "input_ids_sha256": "stale"}})
+        schema = shard_schema(list(prefixes), METADATA | {"shard": {"index": index, "input_ids_sha256": "stale"}})
         table = pd.DataFrame([rows[i] for i in members])
         entries.append(write_shard_file(pa.Table.from_pandas(table, schema=schema, preserve_index=False), folder, index))
     write_json_atomic(folder / MANIFEST_NAME, build_manifest(entries, METADATA))
