@@ -216,6 +216,8 @@ def read_csv(path: Path, fields: FieldNames) -> Iterator[tuple[int, dict | None,
     CSV cells are strings, so the `messages` and `spans` cells are decoded as JSON. An empty cell counts as
     absent (as pandas reads it), so one file may mix kinds in columns left empty where unused.
     """
+    # The csv module refuses cells over 128 KiB by default; one document per cell can be longer.
+    csv.field_size_limit(2**31 - 1)
     bad_lines: set[int] = set()
     with open(path, "rb") as f:
         reader = csv.reader(decoded_lines(f, bad_lines))
@@ -275,6 +277,8 @@ def read_dataset(name: str, split: str) -> Iterator[tuple[int, dict | None, str 
 def raw_rows(name: str, fields: FieldNames, split: str) -> Iterator[tuple[int, dict | None, str | None, str]]:
     path = Path(name)
     suffix = path.suffix.lower()
+    if suffix in FILE_EXTENSIONS and not path.exists():
+        raise InputError(f"{name}: no such file; check the path.")
     if path.is_file() and suffix == ".jsonl":
         return read_jsonl(path)
     if path.is_file() and suffix == ".json":

@@ -131,6 +131,13 @@ def test_records_are_numbered_across_inputs_and_lines_count_blank_and_multiline_
     assert records[2].data["text"] == "first\nsecond" and records[2].doc_id == "7"
 
 
+def test_csv_cells_longer_than_the_csv_module_default_are_read(tmp_path):
+    path = tmp_path / "long.csv"
+    pd.DataFrame([{"text": "ab" * 100_000}]).to_csv(path, index=False)  # 200,000 characters > the 131,072 default
+    (rec,) = iter_records([str(path)], FIELDS)
+    assert rec.kind == "text" and len(rec.data["text"]) == 200_000
+
+
 def test_custom_field_names(tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"key": 5, "question": "What is 2+2?", "answer": " 4"}])
     fields = FieldNames(prompt="question", completion="answer", id="key")
@@ -462,6 +469,8 @@ def test_check_inputs_lists_every_bad_input(tmp_path):
     assert lines[5].startswith("a/b/c: no such file or folder, and not a dataset name")
     with pytest.raises(InputError, match="no inputs given"):
         check_inputs([])
+    with pytest.raises(InputError, match=r"missing\.jsonl: no such file"):
+        list(iter_records([str(tmp_path / "missing.jsonl")], FIELDS))
 
 
 def test_json_file_must_hold_a_list(tmp_path):
