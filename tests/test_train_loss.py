@@ -1,0 +1,266 @@
+"""The trainer's weighted loss and step against float64 references. Run: pytest tests/test_train_loss.py"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import build_model
+from train_shards import write_shards
+
+from scoring.priority import parse_priority
+from scoring.shards import open_shards
+from training.data import epoch_windows, iter_epoch, make_micro_batch, read_groups, row_groups, window_plan
+from training.distributed import Dist
+from training.loss import normalizer, token_terms
+from training.step import HeadStats, StepSettings, accumulate_step, global_priority
+
+ONE = Dist(rank=0, world_size=1, local_rank=0)
+COLUMNS = ["label", "ref_logprob", "ref_entropy", "weight"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tokenizer):
+    return write_shards(tmp_path_factory.mktemp("loss_shards"), tokenizer, n_rows=24, n_shards=1, seed=5, negative_share=0.3)
+
+
+@pytest.fixture(scope="module")
+def label_names():
+    return ["toxic"]
+
+
+def micro_batches(shards, label_names, batch_tokens=160, count=2):
+    groups = row_groups(open_shards(shards))
+    it = iter_epoch(groups, seed=0, epoch=0, window_groups=1, batch_tokens=batch_tokens, columns=COLUMNS,
+                    label_names=label_names, rank=0, world_size=1)
+    return [next(it) for _ in range(count)]
+
+
+def fresh_model(tokenizer, seed=1):
+    return build_model(len(tokenizer), seed=seed, hidden_size=64, layers=1).train()
+
+
+def settings_for(spec, normalize, label_names, neg_loss="none", clip_nats=1e9, ramp=0, prepass=None):
+    priority = parse_priority(spec)
+    global_rho1 = any(a["scope"] == "global" for a in priority.terms("rho1"))
+    return StepSettings(priority=priority, normalize=normalize, neg_loss=neg_loss, clip_nats=clip_nats, neg_ramp_steps=ramp,
+                        prepass=priority.online and (global_rho1 or normalize == "per_sign") if prepass is None else prepass,
+                        with_entropy=False, label_names=label_names, device=torch.device("cpu"))
+
+
+def our_gradient(model, mbs, settings, step=0):
+    """The trainer's gradient of L = Σ w·f(ℓ) / Z: accumulate over micro-batches, then divide by Z."""
+    model.zero_grad(set_to_none=True)
+    core = HeadStats(model, chunk_rows=7, autocast_dtype=None)
+    result = accumulate_step(core, core, mbs, settings, step, ONE)
+    z = normalizer(result["counts"], settings.normalize)
+    return {n: p.grad.detach().clone() / z for n, p in model.named_parameters()}, result["sums"][0].item() / z
+
+
+def reference_terms(model64, mbs):
+    """float64 log p(x_t) at every flat position of every micro-batch, from the model's full logits."""
+    out = []
+    for mb in mbs:
+        logits = model64(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits  # (B, T, V) float64
+        logp = torch.log_softmax(logits, -1).flatten(0, 1)[mb.hidden_index]  # (N, V)
+        out.append(logp.gather(-1, mb.targets[:, None]).squeeze(-1))
+    return out
+
+
+def reference_gradient(model, mbs, weights, normalize, neg_loss, clip_nats):
+    """float64 gradient of Σ_t f(Φ_t, ℓ_t) / Z with Z computed by hand from the full Φ of the global batch."""
+    model64 = fresh_copy(model).double()
+    logprobs = torch.cat(reference_terms(model64, mbs))
+    phi = torch.cat(weights).double()
+    mask = torch.cat([mb.tokens["loss_mask"] for mb in mbs])
+    nll = -logprobs
+    if neg_loss == "clip":
+        neg = phi * nll * (nll.detach() < clip_nats)
+    elif neg_loss == "unlikelihood":
+        p = logprobs.exp().clamp(max=1 - 1e-6)
+        neg = phi.abs() * -torch.log(1 - p)
+    else:
+        neg = phi * nll
+    terms = torch.where(phi > 0, phi * nll, torch.where(phi < 0, neg, torch.zeros_like(nll)))
+    if normalize == "per_sign":
+        n_pos, n_neg = (phi > 0).sum().clamp(min=1), (phi < 0).sum().clamp(min=1)
+        loss = terms[phi > 0].sum() / n_pos + terms[phi < 0].sum() / n_neg
+    else:
+        z = {"tokens": mask.sum(), "selected": (phi != 0).sum(), "abs_weight": phi.abs().sum()}[normalize]
+        loss = terms.sum() / z
+    loss.backward()
+    return {n: p.grad.float() for n, p in model64.named_parameters()}, loss.item()
+
+
+def fresh_copy(model):
+    clone = type(model)(model.config)
+    clone.load_state_dict(model.state_dict())
+    return clone.train()
+
+
+def assert_grads_close(ours, ref, rtol=2e-4):
+    for name in ref:
+        scale = ref[name].abs().max().item() + 1e-12
+        gap = (ours[name] - ref[name]).abs().max().item()
+        assert gap <= rtol * scale, f"{name}: max gap {gap:.3e} vs scale {scale:.3e}"
+
+
+@pytest.mark.parametrize(
+    "normalize,neg_loss",
+    [("tokens", "none"), ("selected", "clip"), ("abs_weight", "unlikelihood"), ("per_sign", "clip"), ("per_sign", "none")],
+)
+def test_weighted_loss_matches_float64_reference(shards, tokenizer, label_names, normalize, neg_loss):
+    model = fresh_model(tokenizer)
+    mbs = micro_batches(shards, label_names)
+    weights = [mb.tokens["weight"] for mb in mbs]
+    assert all((w < 0).any() for w in weights) and all((w > 0).any() for w in weights)
+    # A clip threshold at the median NLL, so that both branches of the clip are exercised.
+    with torch.no_grad():
+        nll = -torch.cat(reference_terms(fresh_copy(model).double(), mbs))
+    clip_nats = float(nll[torch.cat(weights) < 0].median())
+    ours, our_loss = our_gradient(model, mbs, settings_for("stored", normalize, label_names, neg_loss, clip_nats))
+    ref, ref_loss = reference_gradient(model, mbs, weights, normalize, neg_loss, clip_nats)
+    assert our_loss == pytest.approx(ref_loss, rel=1e-5)
+    assert_grads_close(ours, ref)
+
+
+def test_uniform_priority_is_ordinary_sft(shards, tokenizer, label_names):
+    """Φ ≡ 1 with Z = #targets equals F.cross_entropy's mean over the (shifted, masked) labels of one batch."""
+    model = fresh_model(tokenizer)
+    (mb,) = micro_batches(shards, label_names, count=1)
+    ours, our_loss = our_gradient(model, [mb], settings_for("uniform", "tokens", label_names))
+    clone = fresh_copy(model)
+    logits = clone(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+    labels = torch.full(mb.input_ids.shape, -100)
+    flat_mask = torch.zeros(mb.input_ids.numel(), dtype=torch.bool)
+    flat_mask[mb.hidden_index + 1] = mb.tokens["loss_mask"]
+    labels.view(-1)[flat_mask] = mb.input_ids.view(-1)[flat_mask]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    loss.backward()
+    assert our_loss == pytest.approx(loss.item(), rel=1e-5)
+    assert_grads_close(ours, {n: p.grad for n, p in clone.named_parameters()})
+
+
+def test_scaling_phi_changes_nothing_under_abs_weight(shards, tokenizer, label_names):
+    model = fresh_model(tokenizer)
+    mbs = micro_batches(shards, label_names)
+    base, base_loss = our_gradient(model, mbs, settings_for("stored", "abs_weight", label_names))
+    scaled, scaled_loss = our_gradient(model, mbs, settings_for("3.5 * stored", "abs_weight", label_names))
+    assert scaled_loss == pytest.approx(base_loss, rel=1e-6)
+    assert_grads_close(scaled, base, rtol=1e-5)
+
+
+def test_gradient_accumulation_equals_one_large_batch(shards, tokenizer, label_names):
+    model = fresh_model(tokenizer)
+    mbs = micro_batches(shards, label_names, count=3)
+    # The same rows as one micro-batch: the plan's row indices of the first window (one group here).
+    groups = row_groups(open_shards(shards))
+    plan = window_plan(groups, epoch_windows(len(groups), 0, 0, 1)[0], 0, 0, 0, 160)
+    table = read_groups(groups, sorted({"input_ids", "loss_mask", *COLUMNS}))
+    rows = np.concatenate(plan[:3])
+    big = make_micro_batch(table.take(rows), 0, COLUMNS, label_names)
+    for normalize in ("tokens", "per_sign"):
+        settings = settings_for("stored", normalize, label_names, neg_loss="clip", clip_nats=8.0)
+        accumulated, loss_a = our_gradient(model, mbs, settings)
+        single, loss_b = our_gradient(model, [big], settings)
+        assert loss_a == pytest.approx(loss_b, rel=1e-5)
+        assert_grads_close(accumulated, single, rtol=1e-4)
+
+
+def test_zero_weight_token_contributes_no_gradient(shards, tokenizer, label_names):
+    """Changing the id of a row's last token (Φ = 0) cannot change any other prediction (causal), so the
+    gradient must be identical; with Φ ≠ 0 it changes."""
+    model = fresh_model(tokenizer)
+    (mb,) = micro_batches(shards, label_names, count=1)
+    last = int(mb.attention_mask[0].sum()) - 1  # row 0's last token, flat position `last`
+    assert mb.tokens["loss_mask"][last]
+
+    def with_last(phi_value, new_id):
+        ids = mb.input_ids.clone()
+        ids[0, last] = new_id
+        targets = mb.targets.clone()
+        targets[last] = new_id
+        weight = mb.tokens["weight"].clone()
+        weight[last] = phi_value
+        changed = type(mb)(**{**mb.__dict__, "input_ids": ids, "targets": targets, "tokens": {**mb.tokens, "weight": weight}})
+        return our_gradient(model, [changed], settings_for("stored", "tokens", label_names))[0]
+
+    a, b = with_last(0.0, 7), with_last(0.0, 9)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    c, d = with_last(1.0, 7), with_last(1.0, 9)
+    assert not torch.equal(c["lm_head.weight"], d["lm_head.weight"])
+
+
+def test_unlikelihood_and_clip_terms_are_finite_and_bounded():
+    logprob = torch.tensor([0.0, -1e-9, -0.5, -3.0, -50.0], requires_grad=True)
+    weight = torch.tensor([-1.0, -1.0, -2.0, -1.0, -1.0])
+    terms, _ = token_terms(logprob, weight, neg_loss="unlikelihood", clip_nats=5.0)
+    expected = torch.tensor([-math.log(1e-6), -math.log(1e-6), 2 * -math.log(1 - math.exp(-0.5)), -math.log(1 - math.exp(-3.0)), 0.0])
+    torch.testing.assert_close(terms.double(), expected.double(), rtol=1e-4, atol=1e-6)
+    terms.sum().backward()
+    assert torch.isfinite(logprob.grad).all()
+    # clip: Φ·ℓ below c, 0 from c on (no gradient there)
+    logprob = torch.tensor([-1.0, -4.9, -5.0, -9.0], requires_grad=True)
+    terms, clipped = token_terms(logprob, torch.full((4,), -2.0), neg_loss="clip", clip_nats=5.0)
+    torch.testing.assert_close(terms, torch.tensor([-2.0, -9.8, 0.0, 0.0]))
+    assert clipped.tolist() == [False, False, True, True]
+    terms.sum().backward()
+    assert logprob.grad.tolist() == [2.0, 2.0, 0.0, 0.0]
+
+
+def test_rho1_selects_exactly_top_k_of_the_global_batch(shards, tokenizer, label_names):
+    model = fresh_model(tokenizer)
+    mbs = micro_batches(shards, label_names, count=3)
+    settings = settings_for("rho1(k=0.37)", "selected", label_names)
+    core = HeadStats(model, chunk_rows=7, autocast_dtype=None)
+    phis = global_priority(core, mbs, settings, 0, ONE)
+    # Reference: excess = NLL_student − NLL_ref over all candidates of all micro-batches together.
+    with torch.no_grad():
+        logprob = torch.cat(reference_terms(fresh_copy(model).double(), mbs))
+    mask = torch.cat([mb.tokens["loss_mask"] for mb in mbs])
+    ref_lp = torch.cat([mb.tokens["ref_logprob"] for mb in mbs]).double()
+    excess = (-logprob + ref_lp)[mask]
+    n_select = math.ceil(0.37 * int(mask.sum()))
+    expected = torch.zeros(len(mask))
+    expected[mask.nonzero().squeeze(1)[torch.argsort(-excess, stable=True)[:n_select]]] = 1.0
+    phi = torch.cat(phis)
+    assert int(phi.sum()) == n_select
+    assert torch.equal(phi, expected)
+    # Selection is global: the micro-batches' shares differ (a per-micro-batch top-k would give each ≈ k).
+    shares = [float(p.sum() / mb.tokens["loss_mask"].sum()) for p, mb in zip(phis, mbs)]
+    assert max(shares) - min(shares) > 0.05, shares
+
+
+def test_negative_phi_raises_negative_nll_and_lowers_positive_nll(tmp_path, tokenizer):
+    """Rows of one text are labelled toxic (Φ = −1 via labels(toxic=-1)); a few steps of training must raise
+    their NLL and lower the others', with every neg_loss, and never produce NaN."""
+    rows = write_shards(tmp_path / "s", tokenizer, n_rows=12, n_shards=1, negative_share=0.0)
+    from train_shards import make_rows
+
+    cols = make_rows(tokenizer, 12, seed=0, negative_share=0.0)
+    cols["label"] = [["toxic" if (i % 6 == 1 and m) else None for m in mask] for i, mask in enumerate(cols["loss_mask"])]
+    rows = write_shards(tmp_path / "s2", tokenizer, n_rows=12, n_shards=1, rows_override={"label": cols["label"]})
+    groups = row_groups(open_shards(rows))
+    mbs = list(iter_epoch(groups, seed=0, epoch=0, window_groups=1, batch_tokens=4096, columns=COLUMNS, label_names=["toxic"], rank=0, world_size=1))
+    assert len(mbs) == 1
+    for neg_loss in ("clip", "unlikelihood", "none"):
+        model = fresh_model(tokenizer)
+        with torch.no_grad():
+            model.lm_head.weight.div_(20.0)  # near-uniform start: NLL ≈ ln V, below the clip at 8 nats
+        settings = settings_for("labels(toxic=-1)", "per_sign", ["toxic"], neg_loss=neg_loss, clip_nats=8.0)
+        core = HeadStats(model, chunk_rows=64, autocast_dtype=None)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        history = []
+        for step in range(6):
+            result = accumulate_step(core, core, mbs, settings, step, ONE)
+            sums = result["sums"]
+            history.append((sums[1] / sums[2], sums[3] / sums[4]))
+            optimizer.step()
+            optimizer.zero_grad()
+        assert all(np.isfinite(history).ravel()), (neg_loss, history)
+        (pos0, neg0), (pos1, neg1) = history[0], history[-1]
+        assert pos1 < pos0 - 0.1 and neg1 > neg0 + 0.1, (neg_loss, history)
