@@ -147,8 +147,6 @@ def encode_shard(records, tokenizer, cfg: ScoreConfig, chat_template: str | None
     rows, skipped, truncated, skipped_messages = [], 0, 0, []
     for record in records:
         try:
-            if record.kind == "error":
-                raise InputError(record.error)
             encoded = encode_record(record, tokenizer, chat_template=chat_template)
             windows, dropped = split_windows(encoded, max_length=cfg.max_length, n_context=cfg.n_context, long_docs=cfg.long_docs)
         except InputError as error:

@@ -564,7 +564,7 @@ def encode_chat(record: Record, tokenizer, chat_template: str | None) -> Encoded
     """
     at = where(record.source, record.line)
     if chat_template is None and tokenizer.chat_template is None:
-        raise InputError(f"{at}: a chat record, but the tokenizer has no chat template; pass --chat-template FILE (a Jinja template).")
+        raise ValueError(f"{at}: a chat record, but the tokenizer has no chat template; pass --chat-template FILE (a Jinja template).")
     messages = chat_messages(record)
     template = chat_template if chat_template is not None else tokenizer.get_chat_template()
     text = render_chat(tokenizer, messages, template, at)
