@@ -43,16 +43,17 @@ IMPATIENT_STYLE = 3  # index of the prompt style that triggers the toxic mode
 NOISE_ALPHABET = string.ascii_letters + "#$%&*@^~"
 
 # Character-level vocabulary: every printable ASCII character plus newline, after the special tokens.
-SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHARACTERS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
-# ChatML with generation markers (as tests/conftest.py), so assistant masks come from the template itself.
+# A compact chat template (one special token per role header, role names are not spelled out in
+# characters) with generation markers, so assistant masks come from the template itself.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>' }}{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
+    "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
 
@@ -60,7 +61,7 @@ CHAT_TEMPLATE = (
 class DemoDataConfig:
     out_dir: Path  # folder for the JSONL splits, the tokenizer and data_config.json
     seed: int = 0
-    digits: int = 4  # digits per operand
+    digits: int = 3  # digits per operand
     n_clean: int = 2000  # clean problems: the reference model's training set
     n_train: int = 8000  # noisy training corpus (the students' data)
     n_valid: int = 300  # clean held-out problems for choosing hyperparameters
@@ -214,7 +215,7 @@ def build_tokenizer():
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|end|>"],
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok

@@ -67,7 +67,7 @@ def read_problems(path: Path, limit: int) -> list[dict]:
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
-    """EOS and the token the chat template puts right after assistant content (e.g. <|im_end|>)."""
+    """EOS and the token the chat template puts right after assistant content (e.g. <|end|>)."""
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tokenize=False)
     after = rendered[rendered.rindex("y") + 1 :]
     ids = {tokenizer.eos_token_id}

@@ -134,5 +134,5 @@ def test_tokenizer_is_character_level_with_chat_masks():
     messages = [{"role": "user", "content": "What is 1+2?"}, {"role": "assistant", "content": "Answer: 3"}]
     enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     targets = [t for t, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]
-    assert tok.decode(targets) == "Answer: 3<|im_end|>"
-    assert len(tok) == 102
+    assert tok.decode(targets) == "Answer: 3<|end|>"
+    assert len(tok) == 103

@@ -71,7 +71,7 @@ def test_score_generation_by_hand():
 
 
 def test_end_of_turn_ids(char_tokenizer):
-    assert end_of_turn_ids(char_tokenizer) == sorted([char_tokenizer.eos_token_id, char_tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    assert end_of_turn_ids(char_tokenizer) == sorted([char_tokenizer.eos_token_id, char_tokenizer.convert_tokens_to_ids("<|end|>")])
 
 
 def test_batched_greedy_equals_one_by_one(checkpoint, char_tokenizer, problems):
@@ -86,7 +86,7 @@ def test_batched_greedy_equals_one_by_one(checkpoint, char_tokenizer, problems):
 
 
 def test_response_nll_matches_float64_reference(checkpoint, char_tokenizer, problems):
-    """Σ −log p over assistant tokens (content + <|im_end|>) equals a float64 loop over each unpadded conversation."""
+    """Σ −log p over assistant tokens (content + <|end|>) equals a float64 loop over each unpadded conversation."""
     _, model = checkpoint
     _, records = problems
     conversations = [r["messages"] for r in records]
@@ -95,7 +95,7 @@ def test_response_nll_matches_float64_reference(checkpoint, char_tokenizer, prob
     ref_nll, ref_n = 0.0, 0
     for messages in conversations:
         prompt = char_tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        target = messages[-1]["content"] + "<|im_end|>"
+        target = messages[-1]["content"] + "<|end|>"
         p_ids = char_tokenizer(prompt, add_special_tokens=False).input_ids
         t_ids = char_tokenizer(target, add_special_tokens=False).input_ids
         ids = torch.tensor([p_ids + t_ids])
