@@ -148,6 +148,10 @@ def train(cfg: TrainConfig) -> Path:
     device = resolve_device(ctx.local_rank)
     autocast_dtype, dtype_reason = resolve_dtype(cfg.dtype, device)
     say = tqdm.write if ctx.main else (lambda _: None)
+    run = Path(cfg.out)
+    latest = latest_checkpoint(run) if run.exists() else None
+    if latest is not None and not cfg.resume:
+        raise ValueError(f"{run}: already holds {latest.name}; pass --resume to continue that run, or choose another --out.")
 
     # ---- Shards, priority and student checks (before any training)
     shards = open_shards(cfg.shards)
@@ -186,16 +190,12 @@ def train(cfg: TrainConfig) -> Path:
     warmup = int(cfg.warmup_ratio * total_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.min_lr_ratio))
-    run = Path(cfg.out)
     record = run_record(cfg, {
         "normalize": normalize, "priority_canonical": priority.text, "dtype": dtype_reason, "world_size": ctx.world_size,
         "manifest_checksum": manifest_checksum(shards.manifest), "total_steps": total_steps, "student": origin,
         "label_names": summary.label_names,
     })
     step = epoch = epoch_step = 0
-    latest = latest_checkpoint(run) if run.exists() else None
-    if latest is not None and not cfg.resume:
-        raise ValueError(f"{run}: already holds {latest.name}; pass --resume to continue that run, or choose another --out.")
     if latest is not None:
         check_same_run(run, record)
         state = load_trainer_state(latest)
