@@ -133,6 +133,7 @@ def histogram_quantile(counts: np.ndarray, low: np.ndarray, high: np.ndarray, q:
 
 
 def summarise(tally: Tally, source: ShardSet, prefixes: list[str]) -> dict:
+    """The summary dict from the tallies; Φ, label means and model means are None where there are no targets."""
     targets = tally.targets
     phi = None
     if targets:
@@ -229,7 +230,8 @@ def sample_rows(source: ShardSet, n_documents: int) -> pd.DataFrame:
     return pd.concat(pieces, ignore_index=True)
 
 
-def _token_span(token: dict, prefixes: list[str], scale: float) -> str:
+def _token_span(token: dict, shown: str, prefixes: list[str], scale: float) -> str:
+    """One token as an HTML span: `shown` as its visible text, coloured by Φ, the token itself in the tooltip."""
     text = token["token"] if isinstance(token["token"], str) else f"[{token['input_id']}]"
     label = token["label"] if isinstance(token["label"], str) else "-"
     nlls = " | ".join(f"{prefix} NLL {token[f'{prefix}_nll']:.3f}" for prefix in prefixes)
@@ -238,24 +240,37 @@ def _token_span(token: dict, prefixes: list[str], scale: float) -> str:
     else:
         style, phi = "color:#999", "not a target"
     tooltip = " | ".join(part for part in (repr(text), phi, nlls, f"label {label}") if part)
-    return f'<span style="{style}" title="{html.escape(tooltip)}">{html.escape(text)}</span>'
+    return f'<span style="{style}" title="{html.escape(tooltip)}">{html.escape(shown)}</span>'
 
 
 def render_html(rows: pd.DataFrame, tokenizer, prefixes: list[str], summary_text: str, title: str) -> str:
     """A self-contained page: legend, summary, and each sample document with tokens coloured by Φ.
 
     Window k > 0 starts with n_context tokens repeated from window k − 1; they are skipped so each
-    document reads once. Token text is HTML-escaped; the tooltip shows the token, Φ, NLLs and label.
+    document reads once. Without a tokenizer, text between stored token spans is shown uncoloured. Token
+    text is HTML-escaped; the tooltip shows the token, Φ, NLLs and label.
     """
     frame = token_frame(rows, tokenizer=tokenizer)
     n_context = rows.set_index("id")["n_context"]
     frame = frame[(frame["window"] == 0) | (frame["position"] >= frame["id"].map(n_context).to_numpy())]
     targets = frame["weight"][frame["loss_mask"]]
     scale = max(1.0, float(np.abs(targets).max()) if len(targets) else 1.0)  # full colour at |Φ| ≥ scale
+    texts = rows.set_index("id")["text"]
     documents = []
     for doc_id, tokens in frame.groupby("doc_id", sort=False):
-        spans = "".join(_token_span(token, prefixes, scale) for token in tokens.to_dict("records"))
-        documents.append(f"<h3>{html.escape(str(doc_id))}</h3>\n<div class=\"doc\">{spans}</div>")
+        parts, previous_end = [], 0
+        for token in tokens.to_dict("records"):
+            shown = token["token"] if isinstance(token["token"], str) else f"[{token['input_id']}]"
+            if tokenizer is None and token["char_start"] >= 0:
+                start, end, text = token["char_start"], token["char_end"], texts[token["id"]]
+                # Stored spans may leave out a token's whitespace (offset trimming): show the gap as plain text.
+                if start > previous_end:
+                    parts.append(html.escape(text[previous_end:start]))
+                # Byte-level pieces of one character share its span: show the character once.
+                shown = text[max(start, min(previous_end, end)) : end]
+                previous_end = max(end, previous_end)
+            parts.append(_token_span(token, shown, prefixes, scale))
+        documents.append(f"<h3>{html.escape(str(doc_id))}</h3>\n<div class=\"doc\">{''.join(parts)}</div>")
     swatches = [(-scale, phi_colour(-scale, scale)), (-scale / 2, phi_colour(-scale / 2, scale)), (0.0, ZERO_COLOUR),
                 (scale / 2, phi_colour(scale / 2, scale)), (scale, phi_colour(scale, scale))]
     legend = "".join(f'<span class="swatch" style="background:{colour}">Φ {phi:+.3g}</span>' for phi, colour in swatches)
@@ -266,6 +281,7 @@ def render_html(rows: pd.DataFrame, tokenizer, prefixes: list[str], summary_text
 body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 72em; }}
 .doc {{ font-family: ui-monospace, monospace; white-space: pre-wrap; line-height: 1.8; border: 1px solid #ddd; padding: .8em; }}
 .doc span {{ border-radius: 2px; }}
+.doc span:empty {{ padding-left: 3px; }}
 .swatch {{ display: inline-block; padding: 0 .6em; margin-right: .4em; font-family: ui-monospace, monospace; }}
 pre {{ background: #f6f6f6; padding: .8em; overflow-x: auto; }}
 </style></head><body>

@@ -40,7 +40,10 @@ TOKEN_FRAME_LISTS = ("input_ids", "loss_mask", "weight", "label")  # list column
 
 def _arrow_column(df: pd.DataFrame, name: str) -> pa.ChunkedArray:
     """One frame column as Arrow (numpy-array cells, Python lists and Arrow-backed pandas columns alike)."""
-    return pa.chunked_array([pa.array(df[name], from_pandas=True)])
+    array = pa.array(df[name], from_pandas=True)
+    if len(array) == 0 and array.type == pa.null():  # an empty object column: give it a list type to flatten
+        array = pa.array([], pa.list_(pa.null()))
+    return pa.chunked_array([array])
 
 
 def _flat(column: pa.ChunkedArray) -> np.ndarray:
@@ -114,14 +117,15 @@ def token_frame(df: pd.DataFrame, tokenizer=None) -> pd.DataFrame:
     """One row per token of a window frame (e.g. `pd.read_parquet(shards)`), the aligned lists exploded.
 
     Columns: id, doc_id, window (repeated per token), position (t within the row, int32), input_id (int32),
-    token, loss_mask (bool), weight (float32 Φ), label (str, missing where none), every `{prefix}_logprob` and
-    `{prefix}_entropy` (float32 nats, NaN at position 0) and `{prefix}_nll` = −`{prefix}_logprob`.
+    token, loss_mask (bool), weight (float32 Φ), label (str, missing where none), char_start and char_end
+    (int32, when the frame has them), every `{prefix}_logprob` and `{prefix}_entropy` (float32 nats, NaN at
+    position 0) and `{prefix}_nll` = −`{prefix}_logprob`.
     `token` is `tokenizer.decode([input_id])` when a tokenizer is given, else `text[char_start:char_end]`
     (missing for tokens without a span, char_start = −1, such as template specials). Values are copied
     exactly: nothing is recomputed except nll. Raises ValueError naming the row when lists disagree in length.
     """
     prefixes = [c[: -len("_logprob")] for c in df.columns if c.endswith("_logprob") and f"{c[:-8]}_entropy" in df.columns]
-    span_columns = [] if tokenizer is not None else ["char_start", "char_end"]
+    span_columns = [name for name in ("char_start", "char_end") if name in df.columns or tokenizer is None]
     lists = list(TOKEN_FRAME_LISTS) + span_columns + [c for p in prefixes for c in stat_columns(p)]
     needed = ["id", "doc_id", "window"] + lists + ([] if tokenizer is not None else ["text"])
     missing = [name for name in needed if name not in df.columns]
@@ -131,11 +135,11 @@ def token_frame(df: pd.DataFrame, tokenizer=None) -> pd.DataFrame:
     row_of_token = np.repeat(np.arange(len(df)), lengths)  # (tokens,)
     row_start = np.concatenate([[0], np.cumsum(lengths)])[:-1]
     input_ids = _flat(_arrow_column(df, "input_ids")).astype(np.int32)
+    spans = {name: _flat(_arrow_column(df, name)).astype(np.int32) for name in span_columns}
     if tokenizer is not None:
         tokens = _decoded_tokens(tokenizer, input_ids)
     else:
-        starts = _flat(_arrow_column(df, "char_start")).astype(np.int64)
-        ends = _flat(_arrow_column(df, "char_end")).astype(np.int64)
+        starts, ends = spans["char_start"].astype(np.int64), spans["char_end"].astype(np.int64)
         tokens = _span_strings(df["text"].to_numpy(dtype=object), row_of_token, starts, ends)
     out = {
         "id": df["id"].to_numpy(dtype=object)[row_of_token],
@@ -147,6 +151,7 @@ def token_frame(df: pd.DataFrame, tokenizer=None) -> pd.DataFrame:
         "loss_mask": _flat(_arrow_column(df, "loss_mask")).astype(bool),
         "weight": _flat(_arrow_column(df, "weight")).astype(np.float32),
         "label": _flat(_arrow_column(df, "label")).astype(object),
+        **spans,
     }
     for prefix in prefixes:
         logprob = _flat(_arrow_column(df, f"{prefix}_logprob")).astype(np.float32)

@@ -111,11 +111,20 @@ def test_token_frame_explodes_every_column_exactly(shards):
     assert nullable(tf["token"]) == TOKENS
     assert tf["loss_mask"].tolist() == flat("loss_mask")
     assert nullable(tf["label"]) == flat("label")
+    assert tf["char_start"].tolist() == flat("char_start") and tf["char_end"].tolist() == flat("char_end")
     for name in ("weight", "ref_logprob", "ref_entropy", "base_logprob", "base_entropy"):
         assert tf[name].dtype == np.float32, name
         np.testing.assert_array_equal(tf[name].to_numpy(), np.array(flat(name), dtype=np.float32), err_msg=name)
     np.testing.assert_array_equal(tf["ref_nll"].to_numpy(), -np.array(flat("ref_logprob"), dtype=np.float32))
     np.testing.assert_array_equal(tf["base_nll"].to_numpy(), -np.array(flat("base_logprob"), dtype=np.float32))
+
+
+def test_token_frame_of_selected_rows_and_of_no_rows(shards):
+    df = pd.read_parquet(shards)
+    tf = token_frame(df.iloc[[2, 0]])  # rows in any order, index labels ignored
+    assert tf["id"].tolist() == ["b:1"] * 2 + ["a:0"] * 4 and nullable(tf["token"]) == TOKENS[8:] + TOKENS[:4]
+    empty = token_frame(df.iloc[:0])
+    assert len(empty) == 0 and {"token", "weight", "ref_nll", "char_start"} <= set(empty.columns)
 
 
 def test_token_frame_decodes_ids_with_a_tokenizer(tokenizer):

@@ -99,6 +99,20 @@ def test_html_escapes_tokens_and_colours_them_by_phi(shards, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_html_shows_trimmed_whitespace_once_and_shared_character_spans_once(tmp_path):
+    # Offsets trimmed the space before "é"; two byte-level pieces of "é" share its span [2, 3).
+    row = {
+        "id": "c:0", "doc_id": "c", "window": 0, "n_context": 0, "n_tokens": 5, "n_targets": 4,
+        "input_ids": [1, 30, 31, 32, 33], "loss_mask": [False, True, True, True, True], "weight": [0.0, 1.0, 1.0, 1.0, 1.0],
+        "label": [None] * 5, "text": "a é!", "char_start": [-1, 0, 2, 2, 3], "char_end": [-1, 1, 3, 3, 4],
+    }
+    page_path = tmp_path / "view.html"
+    inspect_shards(InspectConfig(shards=write_hand_shards(tmp_path / "s", rows=[row], shard_rows=((0,),), prefixes=()), html=page_path))
+    body = re.search(r'<div class="doc">(.*?)</div>', page_path.read_text(), re.S).group(1)
+    assert [text for _, _, text in SPAN.findall(body)] == ["[1]", "a", "é", "", "!"]
+    assert html.unescape(re.sub(r"<[^>]+>", "", body)) == "[1]a é!"
+
+
 def test_html_samples_and_tokenizer_decoding(shards, tmp_path, tokenizer_dir, tokenizer):
     page_path = tmp_path / "view.html"
     inspect_shards(InspectConfig(shards=shards, html=page_path, samples=1, tokenizer=tokenizer_dir))
