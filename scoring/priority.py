@@ -42,7 +42,6 @@ from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 import torch
-from tqdm import tqdm
 
 
 class PrioritySpecError(ValueError):
@@ -469,14 +468,14 @@ def check_offline(priority: Priority, command: str) -> None:
             raise _spec_error(
                 priority.source,
                 node.pos,
-                f"{node.name} needs the student model's statistics, which `{command}` does not have",
+                f"{node.name} needs the student model's statistics, which exist only in `tokenprio train`; {command} cannot evaluate it",
                 "use it in `tokenprio train --priority SPEC`; offline commands take stored-column terms only",
             )
         if node.name in SCHEDULES:
             raise _spec_error(
                 priority.source,
                 node.pos,
-                f"{node.name} changes Φ over optimizer steps, which `{command}` does not have",
+                f"{node.name} changes Φ over optimizer steps, which exist only in `tokenprio train`; {command} cannot evaluate it",
                 "use schedules in `tokenprio train --priority SPEC`",
             )
 
@@ -524,7 +523,7 @@ def _select_top(score: torch.Tensor, cand: torch.Tensor, fraction: float, group:
     return selected
 
 
-def _term_highpass(tokens, args, cand):
+def _term_highpass(tokens: dict, args: dict) -> torch.Tensor:
     """Loss high-pass filter, Φ = 1[NLL_source > min_nll] (Token Priority, arXiv 2602.01227, first experiment).
 
     Defaults min_nll=0.3 nats, source=ref.
@@ -532,7 +531,7 @@ def _term_highpass(tokens, args, cand):
     return (_nll(tokens, args["source"]) > args["min_nll"]).float()
 
 
-def _term_topk(tokens, args, cand):
+def _term_topk(tokens: dict, args: dict, cand: torch.Tensor) -> torch.Tensor:
     """Token Cleaning (Pang et al., arXiv 2502.01968): keep the top k of s = NLL_base − NLL_ref, Φ ∈ {0, 1}.
 
     scope=global: Φ = 1[s ≥ threshold], the threshold resolved over the corpus by `resolve_global` so that
@@ -555,12 +554,12 @@ def _entropy_weight(entropy: torch.Tensor, args: dict) -> torch.Tensor:
     return u ** args["alpha"] if args["direction"] == "up" else (1.0 - u) ** args["alpha"]
 
 
-def _term_entropy(tokens, args, cand):
+def _term_entropy(tokens: dict, args: dict) -> torch.Tensor:
     """Entropy weighting from stored entropy: `_entropy_weight` of H_source (defaults alpha=1, up, 3.0 nats, ref)."""
     return _entropy_weight(tokens[f"{args['source']}_entropy"], args)
 
 
-def _term_importance(tokens, args, cand):
+def _term_importance(tokens: dict, args: dict) -> torch.Tensor:
     """Importance ratio Φ = clip(p_ref / p_base, min, max) = clip(exp(ref_logprob − base_logprob)).
 
     The token-level form of iw-SFT (Qin & Springenberg, arXiv 2507.12856), defaults min=0, max=2.
@@ -569,7 +568,7 @@ def _term_importance(tokens, args, cand):
     return ratio.clamp(args["min"], args["max"])
 
 
-def _term_labels(tokens, args, label_names):
+def _term_labels(tokens: dict, args: dict, label_names: list[str]) -> torch.Tensor:
     """External span labels: Φ = value of the token's label; unlabelled tokens and unnamed labels get 1."""
     codes = tokens["label"]  # (N,) int64, -1 = no label
     table = torch.ones(len(label_names) + 1, dtype=torch.float32, device=codes.device)  # last slot: code -1
@@ -579,7 +578,7 @@ def _term_labels(tokens, args, label_names):
     return table[codes]
 
 
-def _term_forgetting(tokens, args, cand):
+def _term_forgetting(tokens: dict, args: dict) -> torch.Tensor:
     """Forgetting split (Taheri Ghahrizjani et al., arXiv 2508.04329): Φ = +1 if s ≥ threshold else −1.
 
     s = NLL_base − NLL_ref; the threshold, resolved over the corpus, puts the top ρ (default 0.7) of the
@@ -588,7 +587,7 @@ def _term_forgetting(tokens, args, cand):
     return torch.where(_excess(tokens, args) >= args["threshold"], 1.0, -1.0)
 
 
-def _term_rho1(tokens, args, cand):
+def _term_rho1(tokens: dict, args: dict, cand: torch.Tensor) -> torch.Tensor:
     """Rho-1 selective LM (Lin et al., arXiv 2404.07965): excess = NLL_student − NLL_ref; Φ = 1 for exactly
     ⌈k·N⌉ of the N candidates passed in with the largest excess (ties: earlier position). Default k=0.6.
     """
@@ -596,26 +595,14 @@ def _term_rho1(tokens, args, cand):
     return _select_top(excess, cand, args["k"]).float()
 
 
-def _term_dft(tokens, args, cand):
+def _term_dft(tokens: dict, args: dict) -> torch.Tensor:
     """DFT (Wu et al., arXiv 2508.05629): Φ = sg(p_student) = exp(student_logprob)."""
     return torch.exp(tokens["student_logprob"])
 
 
-def _term_student_entropy(tokens, args, cand):
+def _term_student_entropy(tokens: dict, args: dict) -> torch.Tensor:
     """Entropy weighting from the student's own entropy: `_entropy_weight` of H_student (EAFT's online form)."""
     return _entropy_weight(tokens["student_entropy"], args)
-
-
-TERMS = {
-    "highpass": _term_highpass,
-    "topk": _term_topk,
-    "entropy": _term_entropy,
-    "importance": _term_importance,
-    "forgetting": _term_forgetting,
-    "rho1": _term_rho1,
-    "dft": _term_dft,
-    "student_entropy": _term_student_entropy,
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -669,7 +656,23 @@ def _evaluate(node: Node, cand: torch.Tensor, ctx: _Context) -> torch.Tensor:
             return torch.where(phi < 0, args["scale"] * _schedule_fraction(ctx.step, args["start"], args["end"]) * phi, phi)
         case "switch":
             return _evaluate(node.children[0] if ctx.step < args["at"] else node.children[1], cand, ctx)
-    return TERMS[node.name](tokens, args, cand)
+        case "highpass":
+            return _term_highpass(tokens, args)
+        case "topk":
+            return _term_topk(tokens, args, cand)
+        case "entropy":
+            return _term_entropy(tokens, args)
+        case "importance":
+            return _term_importance(tokens, args)
+        case "forgetting":
+            return _term_forgetting(tokens, args)
+        case "rho1":
+            return _term_rho1(tokens, args, cand)
+        case "dft":
+            return _term_dft(tokens, args)
+        case "student_entropy":
+            return _term_student_entropy(tokens, args)
+    raise AssertionError(f"no evaluation for node {node.name!r}")  # SIGNATURES and this match list the same names
 
 
 def _evaluate_product(node: Node, cand: torch.Tensor, ctx: _Context) -> torch.Tensor:
@@ -759,9 +762,9 @@ def resolve_global(
     """
     if not priority.unresolved_global:
         return priority
-    check_offline(priority, "resolving global terms over the corpus (reweight)")
+    check_offline(priority, "resolving global terms")
     collect: dict[int, list[torch.Tensor]] = {}
-    for tokens in tqdm(batches, desc="resolve global priority terms", unit="batch", disable=None):
+    for tokens in batches:  # the caller wraps them in a progress bar: it knows their number
         columns = _check_tokens(priority, tokens, label_names)
         _evaluate(priority.root, columns["loss_mask"], _Context(columns, 0, label_names, collect))
 

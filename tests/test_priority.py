@@ -5,7 +5,9 @@ schedules, global resolution. Run: .venv/bin/pytest -q tests/test_priority.py
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -416,3 +418,12 @@ def test_phi_is_zero_off_mask_and_never_nan(spec):
         assert values.dtype == torch.float32 and values.shape == (n,)
         assert not torch.isnan(values).any()
         assert torch.all(values[~mask] == 0)
+
+
+def test_worked_examples_in_the_docs_parse():
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "priority.md").read_text()
+    examples = re.findall(r"^\d\. `([^`]+)`", docs.split("## Worked examples")[1], flags=re.M)
+    assert len(examples) == 8
+    for spec in examples:
+        priority = parse_priority(spec.replace("threshold=T", "threshold=0.5"))
+        assert parse_priority(priority.text) == priority
