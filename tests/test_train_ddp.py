@@ -1,0 +1,60 @@
+"""Two processes under torchrun (DDP, gloo) give the same training as one process over the same global batches.
+
+One process with --grad-accum 2 and two processes with --grad-accum 1 consume the same micro-batches per step
+(micro-batch j goes to rank j mod W), so their weights must agree up to float32 reduction order.
+Run: pytest tests/test_train_ddp.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_model
+from safetensors.torch import load_file
+from train_shards import write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("ddp")
+    build_model(len(tokenizer), seed=1, hidden_size=64, layers=1).save_pretrained(root / "student")
+    tokenizer.save_pretrained(root / "student")
+    return write_shards(root / "shards", tokenizer, n_rows=48, n_shards=4, seed=4), root / "student", root
+
+
+def args(shards, student, out, grad_accum: int) -> list[str]:
+    # Global rho1 (a gather across ranks) times signed stored weights (per_sign counts all-reduced).
+    return ["train", str(shards), "--model", str(student), "--out", str(out), "--batch-tokens", "96", "--steps", "4",
+            "--grad-accum", str(grad_accum), "--priority", "rho1(k=0.5) * stored"]
+
+
+@pytest.mark.parametrize("world_size", [2])
+def test_two_process_ddp_equals_one_process(setup, world_size):
+    shards, student, root = setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    single = subprocess.run([sys.executable, "-m", "pipelines.cli", *args(shards, student, root / "one", world_size)],
+                            cwd=ROOT, env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world_size),
+                          "-m", "pipelines.cli", *args(shards, student, root / "ddp", 1)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert json.loads((root / "ddp" / "config.json").read_text())["world_size"] == world_size
+    one = load_file(root / "one" / "checkpoint-000004" / "model.safetensors")
+    two = load_file(root / "ddp" / "checkpoint-000004" / "model.safetensors")
+    initial = load_file(student / "model.safetensors")
+    for name in one:
+        moved = (one[name] - initial[name]).abs().max().item()
+        assert moved > 0, name
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5 * max(1.0, moved), msg=name)
+    metrics = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    for a, b in zip(metrics(root / "one"), metrics(root / "ddp")):
+        assert a["z"] == b["z"] and a["targets"] == b["targets"] and a["selected_share"] == b["selected_share"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
