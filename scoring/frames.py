@@ -198,32 +198,11 @@ def frame_to_table(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _check_edits(table: pa.Table) -> None:
-    """Contract rules that a pandas edit can break and `validate_table` does not check: unique ids, Φ = 0 off the mask."""
-    ids = table.column("id").to_numpy()
-    duplicated = pd.Series(ids).duplicated().to_numpy()
-    if duplicated.any():
-        row = int(np.nonzero(duplicated)[0][0])
-        raise ShardError(f"frame row {row}: id {ids[row]!r} appears twice; ids are unique (`{{doc_id}}:{{window}}`). Drop the duplicate rows.")
-    mask = _flat(table.column("loss_mask")).astype(bool)
-    weight = _flat(table.column("weight"))
-    off_mask = ~mask & (weight != 0)
-    if off_mask.any():
-        lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
-        token = int(np.nonzero(off_mask)[0][0])
-        row = int(np.searchsorted(np.cumsum(lengths), token, side="right"))
-        position = token - int(np.concatenate([[0], np.cumsum(lengths)])[row])
-        raise ShardError(
-            f"frame row {row} (id {ids[row]}), position {position}: weight {weight[token]:.6g} where loss_mask is false; "
-            "stored Φ is 0 off the mask (multiply the new weights by loss_mask)."
-        )
-
-
 def write_shards(df: pd.DataFrame, like: str | Path, out: str | Path) -> dict:
     """Write a window frame edited in pandas as a new shard folder with the metadata of the folder `like`.
 
     The frame is cast to `like`'s shard schema (its statistic prefixes and `tokenprio` metadata), validated
-    (`validate_table` plus unique ids and Φ = 0 off the mask; errors name the row and column), split into
+    (`validate_table`: aligned lists, unique ids, Φ = 0 off the mask; errors name the row and column), split into
     shards of about SHARD_TOKENS tokens in frame order and written atomically; the manifest comes last and
     records the source under `edited_from`. Refuses `out` equal to or inside `like`, or a non-empty `out`.
     Returns the manifest.
@@ -237,7 +216,6 @@ def write_shards(df: pd.DataFrame, like: str | Path, out: str | Path) -> dict:
     metadata = {key: value for key, value in source.metadata.items() if key != "shard"}
     table = frame_to_table(df, shard_schema(source.stat_prefixes, metadata))
     validate_table(table, f"frame for {out}")
-    _check_edits(table)
 
     entries = []
     for index, (start, end) in enumerate(row_group_slices(table.column("n_tokens").to_numpy(), SHARD_TOKENS)):

@@ -234,6 +234,21 @@ def validate_table(table: pa.Table, where: str) -> None:
     bad = np.nonzero(counted != n_targets)[0]
     if len(bad):
         raise ShardError(f"{where}: row {bad[0]}: n_targets={n_targets[bad[0]]} but loss_mask has {counted[bad[0]]} true values.")
+    ids = table.column("id").to_numpy(zero_copy_only=False)
+    duplicated = np.nonzero(duplicated_mask(ids))[0]
+    if len(duplicated):
+        row = int(duplicated[0])
+        raise ShardError(f"{where}: row {row}: id {ids[row]!r} appears twice; ids are unique (`{{doc_id}}:{{window}}`). Drop the duplicate rows.")
+    weight = pc.list_flatten(table.column("weight")).to_numpy(zero_copy_only=False)
+    off_mask = np.nonzero(~mask.astype(bool) & (weight != 0) & np.isfinite(weight))[0]
+    if len(off_mask):
+        token = int(off_mask[0])
+        row = int(row_of_token[token])
+        position = token - int(np.concatenate([[0], np.cumsum(lengths)])[row])
+        raise ShardError(
+            f"{where}: row {row} (id {ids[row]}), position {position}: weight {weight[token]:.6g} where loss_mask is false; "
+            "stored Φ is 0 off the mask (multiply the new weights by loss_mask)."
+        )
     # Position 0 of each row predicts nothing; statistics are defined (finite) at every t >= 1.
     first = np.zeros(len(mask), dtype=bool)
     first[np.cumsum(lengths)[:-1][lengths[1:] > 0] if len(lengths) > 1 else []] = True
@@ -248,6 +263,14 @@ def validate_table(table: pa.Table, where: str) -> None:
             position = token - int(np.concatenate([[0], np.cumsum(lengths)])[row])
             fix = "recompute it with `tokenprio reweight`" if name == "weight" else "rescore this shard"
             raise ShardError(f"{where}: row {row} (id {table.column('id')[row]}), column {name!r}, position {position}: value {values[token]} is not finite; {fix}.")
+
+
+def duplicated_mask(values: np.ndarray) -> np.ndarray:
+    """Boolean mask of values already seen earlier in the array (first occurrences are False)."""
+    _, first = np.unique(values, return_index=True)
+    seen = np.ones(len(values), dtype=bool)
+    seen[first] = False
+    return seen
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
