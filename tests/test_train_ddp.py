@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from train_shards import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
+TOKENPRIO = str(Path(sys.executable).with_name("tokenprio"))  # the console script of the editable install
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +41,11 @@ def args(shards, student, out, grad_accum: int) -> list[str]:
 def test_two_process_ddp_equals_one_process(setup, world_size):
     shards, student, root = setup
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    single = subprocess.run([sys.executable, "-m", "pipelines.cli", *args(shards, student, root / "one", world_size)],
+    single = subprocess.run([TOKENPRIO, *args(shards, student, root / "one", world_size)],
                             cwd=ROOT, env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world_size),
-                          "-m", "pipelines.cli", *args(shards, student, root / "ddp", 1)], cwd=ROOT, env=env, capture_output=True, text=True)
+                          "--no-python", TOKENPRIO, *args(shards, student, root / "ddp", 1)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert json.loads((root / "ddp" / "config.json").read_text())["world_size"] == world_size
     one = load_file(root / "one" / "checkpoint-000004" / "model.safetensors")

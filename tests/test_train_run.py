@@ -28,6 +28,7 @@ from training.loss import ramp_negative
 from training.train import TrainConfig, TrainConfigError, train
 
 ROOT = Path(__file__).resolve().parents[1]
+TOKENPRIO = str(Path(sys.executable).with_name("tokenprio"))  # the console script of the editable install
 
 
 def save_student(path: Path, tokenizer, **config) -> Path:
@@ -177,7 +178,7 @@ def test_existing_run_needs_resume(tmp_path, shards, student):
 
 
 def cli(shards, student, out, *extra) -> list[str]:
-    return [sys.executable, "-m", "pipelines.cli", "train", str(shards), "--model", str(student), "--out", str(out),
+    return [TOKENPRIO, "train", str(shards), "--model", str(student), "--out", str(out),
             "--batch-tokens", "64", "--steps", "30", "--save-every", "4", "--priority", "rho1(k=0.5) * stored", *extra]
 
 
