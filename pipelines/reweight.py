@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipelines.score import parse_offline_priority, with_metadata, with_weights
-from scoring.priority import parse_priority, resolve_global
+from scoring.priority import check_offline, parse_priority, resolve_global
 from scoring.shards import (
     MANIFEST_NAME,
     ShardSet,
@@ -42,6 +42,7 @@ def available_columns(source: ShardSet) -> set[str]:
 def resolve_spec(source: ShardSet, spec: str):
     """Parse the spec against the stored columns and resolve its global terms over the whole corpus."""
     priority = parse_priority(spec, available_columns(source))
+    check_offline(priority, "reweight")  # before a pass over the corpus
     if priority.unresolved_global:
 
         label_names: list[str] = []  # one code table for the whole corpus, grown shard by shard
@@ -53,7 +54,7 @@ def resolve_spec(source: ShardSet, spec: str):
 
         shard_batches = tqdm(batches(), total=len(source.paths), desc="resolve global terms", unit="shard", file=sys.stderr)
         priority = resolve_global(priority, shard_batches, label_names=label_names)
-    return parse_offline_priority(priority.text, available_columns(source))
+    return parse_offline_priority(priority.text, available_columns(source), "reweight")
 
 
 def reweight(cfg: ReweightConfig) -> dict:

@@ -25,7 +25,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from scoring.inputs import FieldNames, InputError, check_inputs, encode_record, iter_records, split_windows
-from scoring.priority import PrioritySpecError, evaluate_priority, parse_priority
+from scoring.priority import PrioritySpecError, check_offline, evaluate_priority, parse_priority
 from scoring.shards import (
     MANIFEST_NAME,
     METADATA_KEY,
@@ -401,11 +401,10 @@ def score(cfg: ScoreConfig) -> dict:
     return manifest
 
 
-def parse_offline_priority(spec: str, available: set[str]):
+def parse_offline_priority(spec: str, available: set[str], command: str = "score"):
     """Parse a Φ spec that `score`/`reweight` can evaluate from stored columns alone."""
     priority = parse_priority(spec, available)
-    if priority.online or priority.has_schedule:
-        raise PrioritySpecError(f"--priority {spec!r} needs the student during training (online term or schedule); pass it to `tokenprio train --priority` instead.")
+    check_offline(priority, command)
     if priority.unresolved_global:
         raise PrioritySpecError(
             f"--priority {spec!r}: {priority.unresolved_global} need a corpus-wide quantile; score with the default "

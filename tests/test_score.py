@@ -111,7 +111,7 @@ def test_unscored_shards_need_only_a_tokenizer(corpus, tmp_path, tokenizer_dir):
         np.testing.assert_array_equal(row.weight, np.asarray(row.loss_mask, dtype=np.float32))
 
 
-CRASH_SCRIPT = """
+SCORE_SCRIPT = """
 import os, signal, sys
 import pipelines.score as score_module
 from pipelines.score import ScoreConfig, score
@@ -121,19 +121,24 @@ def write_then_die(table, out_dir, index):
         (out_dir / f".part-{index:05d}.parquet.tmp").write_bytes(b"PAR1 partial")
         os.kill(os.getpid(), signal.SIGKILL)
     return real_write(table, out_dir, index)
-score_module.write_shard_file = write_then_die
+if sys.argv[4] == "crash":
+    score_module.write_shard_file = write_then_die
 score(ScoreConfig(inputs=(sys.argv[1],), out=sys.argv[2], model=sys.argv[3], max_length=24, n_context=4, records_per_shard=3, batch_tokens=64))
 """
 
 
+def run_score_process(corpus, out, model_dir, mode: str) -> int:
+    """Score in a fresh process (same thread settings for every run, as a rerun on the same machine has)."""
+    return subprocess.run([sys.executable, "-c", SCORE_SCRIPT, str(corpus), str(out), str(model_dir), mode], cwd=ROOT, capture_output=True).returncode
+
+
 def test_rerun_after_kill_equals_uninterrupted_run(corpus, tmp_path, model_dir):
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    score(config(corpus, reference, model_dir))
-    result = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(corpus), str(crashed), str(model_dir)], cwd=ROOT, capture_output=True)
-    assert result.returncode == -signal.SIGKILL
+    assert run_score_process(corpus, reference, model_dir, "normal") == 0
+    assert run_score_process(corpus, crashed, model_dir, "crash") == -signal.SIGKILL
     assert (crashed / "part-00000.parquet").exists() and not (crashed / MANIFEST_NAME).exists()
     first_shard = (crashed / "part-00000.parquet").stat().st_mtime_ns
-    score(config(corpus, crashed, model_dir))
+    assert run_score_process(corpus, crashed, model_dir, "normal") == 0
     assert (crashed / "part-00000.parquet").stat().st_mtime_ns == first_shard  # the complete shard was skipped
     assert folder_contents(crashed) == folder_contents(reference)
     assert not list(crashed.glob(".*.tmp"))
