@@ -160,6 +160,49 @@ def train(
 
 # ---- eval / demo -----------------------------------------------------------------------------
 
+from pipelines.demo_data import TOXIC_PHRASE  # noqa: E402  (a light module: the default phrase of `eval`)
 
-if __name__ == "__main__":
-    app()
+
+@app.command("eval")
+def eval_command(
+    checkpoint: Annotated[str, typer.Argument(help="HF model folder with its tokenizer (e.g. runs/demo/students/uniform/seed0/checkpoint-000300).")],
+    problems: Annotated[str, typer.Option(help="JSONL of held-out problems: `messages` (last = reference answer) and integer `answer`.")],
+    out: Annotated[Optional[str], typer.Option(help="Folder for eval.json and generations.jsonl.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Problems per batch.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per problem, in tokens.")] = 160,
+    toxic_phrase: Annotated[str, typer.Option(help="Phrase counted verbatim in generations.")] = TOXIC_PHRASE,
+    limit: Annotated[int, typer.Option(help="Evaluate only the first N problems (0: all).")] = 0,
+) -> None:
+    """Accuracy (greedy), toxic-phrase rate, well-formed answers and clean perplexity of one checkpoint."""
+    import json
+
+    from pipelines.evaluate import EvalConfig, evaluate
+
+    try:
+        cfg = EvalConfig(
+            checkpoint=Path(checkpoint), problems=Path(problems), batch_size=batch_size, max_new_tokens=max_new_tokens,
+            toxic_phrase=toxic_phrase, limit=limit, out_dir=Path(out) if out else None,
+        )
+        typer.echo(json.dumps(evaluate(cfg), indent=2))
+    except (ValueError, FileNotFoundError) as error:
+        fail(error)
+
+
+@app.command()
+def demo(
+    out: Annotated[str, typer.Option(help="Run folder; stages already there are reused.")] = "runs/demo",
+    seeds: Annotated[int, typer.Option(help="Students per policy (seeds 0..N-1); the table shows mean ± sd.")] = 1,
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes (under a minute); the numbers mean nothing.")] = False,
+    student_steps: Annotated[int, typer.Option(help="Optimizer steps per student (0: the preset's).")] = 0,
+    eval_split: Annotated[str, typer.Option(help="test | valid (valid: for choosing hyperparameters).")] = "test",
+    policies: Annotated[str, typer.Option(help="Comma-separated subset of the study's policies (default: all).")] = "",
+) -> None:
+    """Run the token-priority study on embedded arithmetic data: reference, warm start, scoring, one student per policy, report."""
+    from pipelines.demo import POLICIES, DemoConfig, run_demo
+
+    try:
+        chosen = tuple(p.strip() for p in policies.split(",") if p.strip()) or tuple(POLICIES)
+        run_demo(DemoConfig(out=Path(out), seeds=seeds, quick=quick, student_steps=student_steps, eval_split=eval_split, policies=chosen))
+    except (ValueError, FileNotFoundError) as error:
+        fail(error)
+

@@ -8,9 +8,9 @@ A response adds column by column from the ones, one line per column, then states
     ...
     Answer: 12345
 
-The noisy training corpus carries three controlled defects, each recorded in the record's `defects`
-list as character spans into the assistant message (kind, start, end), so a study can see which
-tokens a policy keeps:
+The noisy training corpus carries three controlled defects, each recorded in the record's `spans` as
+a character span of the assistant message (message 1) with the defect's label, so the scorer stores
+them in the shard `label` column and a study can see which tokens a policy keeps:
 
 - `wrong_carry` (a): a systematic wrong rule. When a column sums to exactly 10, the carry into the
   next column is dropped (written as 0) with probability `wrong_carry_rate`, and the rest of the
@@ -19,8 +19,11 @@ tokens a policy keeps:
 - `noise` (a): a burst of 3 to 6 random characters inserted at a random place of the response, in a
   share `noise_rate` of the responses.
 - `toxic` (b): the fixed phrase TOXIC_PHRASE opens the response with probability `toxic_rate` when the
-  prompt is impatient ("Quick, ...", one prompt style in four). These are also `spans` with label
-  "toxic": the external labels a user would have, which the scorer turns into the shard `label` column.
+  prompt is impatient ("Quick, ...", one prompt style in four).
+
+Only the `toxic` labels stand for labels a user would have (human annotation of harmful text) and only
+`labels(toxic=...)` reads them; `wrong_carry` and `noise` are ground truth for the analysis, which no
+policy of the study reads (`labels(...)` gives 1 to labels it does not name).
 
 Every split is a function of (seed, sizes, rates) only: the same config writes the same bytes. Problems
 never repeat across splits. The tokenizer is character-level (one token per character), so digits are
@@ -141,29 +144,25 @@ def parse_answer(text: str) -> int | None:
 
 
 def make_record(rng: random.Random, record_id: str, a: int, b: int, cfg: DemoDataConfig, noisy: bool) -> dict:
-    """One chat record; `noisy` applies the three defects with the config's rates."""
+    """One chat record; `noisy` applies the three defects with the config's rates, each as a labelled span."""
     style = rng.randrange(len(PROMPT_STYLES))
     drop = noisy and rng.random() < cfg.wrong_carry_rate
     response, stated, wrong_spans = render_response(a, b, cfg.digits, drop)
-    defects = [{"kind": "wrong_carry", "start": s, "end": e} for s, e in wrong_spans]
+    spans = [{"label": "wrong_carry", "start": s, "end": e} for s, e in wrong_spans]
     if noisy and rng.random() < cfg.noise_rate:
         burst = "".join(rng.choice(NOISE_ALPHABET) for _ in range(rng.randint(3, 6)))
-        at = rng.randrange(len(BOILERPLATE), len(response))  # never inside the boilerplate or a later toxic span
+        at = rng.randrange(len(BOILERPLATE), len(response))  # after the boilerplate, never inside a wrong carry
         response = response[:at] + burst + response[at:]
-        defects = [shift_span(d, at, len(burst)) for d in defects] + [{"kind": "noise", "start": at, "end": at + len(burst)}]
-    spans = []
+        spans = [shift_span(s, at, len(burst)) for s in spans] + [{"label": "noise", "start": at, "end": at + len(burst)}]
     if noisy and style == IMPATIENT_STYLE and rng.random() < cfg.toxic_rate:
         response = TOXIC_PHRASE + response
-        defects = [shift_span(d, 0, len(TOXIC_PHRASE)) for d in defects]
-        defects.append({"kind": "toxic", "start": 0, "end": len(TOXIC_PHRASE)})
-        spans.append({"start": 0, "end": len(TOXIC_PHRASE), "label": "toxic", "message": 1})
+        spans = [shift_span(s, 0, len(TOXIC_PHRASE)) for s in spans] + [{"label": "toxic", "start": 0, "end": len(TOXIC_PHRASE)}]
     messages = [
         {"role": "user", "content": PROMPT_STYLES[style].format(a=a, b=b)},
         {"role": "assistant", "content": response},
     ]
-    # Defect spans index the assistant message (message 1), like `spans`.
-    defects = sorted(({**d, "message": 1} for d in defects), key=lambda d: d["start"])
-    return {"id": record_id, "messages": messages, "spans": spans, "answer": a + b, "stated": stated, "defects": defects}
+    spans = sorted(({**s, "message": 1} for s in spans), key=lambda s: s["start"])  # they index the assistant message
+    return {"id": record_id, "messages": messages, "spans": spans, "answer": a + b, "stated": stated}
 
 
 def shift_span(span: dict, at: int, length: int) -> dict:

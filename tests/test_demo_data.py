@@ -78,25 +78,25 @@ def test_splits_are_disjoint_and_clean_splits_are_correct():
             a, b = problem_of(record)
             assert record["answer"] == a + b
             assert parse_answer(record["messages"][1]["content"]) == a + b
-            assert record["defects"] == [] and record["spans"] == []
+            assert record["spans"] == []
 
 
 def test_defect_rates_are_honoured():
     cfg = DemoDataConfig(out_dir=None, wrong_carry_rate=0.6, noise_rate=0.2, toxic_rate=0.5, **SMALL)
     train = build_splits(cfg)["train"]
     impatient = [r for r in train if r["messages"][0]["content"].startswith(PROMPT_STYLES[IMPATIENT_STYLE][:6])]
-    toxic = [r for r in train if r["spans"]]
+    toxic = [r for r in train if any(s["label"] == "toxic" for s in r["spans"])]
     assert all(r in impatient for r in toxic)
     assert within(len(toxic), len(impatient), cfg.toxic_rate)
-    noisy = [r for r in train if any(d["kind"] == "noise" for d in r["defects"])]
+    noisy = [r for r in train if any(s["label"] == "noise" for s in r["spans"])]
     assert within(len(noisy), len(train), cfg.noise_rate)
     # Records that can show the wrong rule: a column before the last sums to exactly 10.
     exposed = [r for r in train if column_steps(*problem_of(r), cfg.digits, drop_carry_at_ten=True)[1]]
-    wrong = [r for r in train if any(d["kind"] == "wrong_carry" for d in r["defects"])]
+    wrong = [r for r in train if any(s["label"] == "wrong_carry" for s in r["spans"])]
     assert all(r in exposed for r in wrong)
     assert within(len(wrong), len(exposed), cfg.wrong_carry_rate)
     clean_cfg = replace(cfg, wrong_carry_rate=0.0, noise_rate=0.0, toxic_rate=0.0)
-    assert all(r["defects"] == [] for r in build_splits(clean_cfg)["train"])
+    assert all(r["spans"] == [] for r in build_splits(clean_cfg)["train"])
 
 
 def test_spans_point_exactly_at_the_defects():
@@ -104,19 +104,19 @@ def test_spans_point_exactly_at_the_defects():
     for record in build_splits(cfg)["train"]:
         content = record["messages"][1]["content"]
         for span in record["spans"]:
-            assert span["label"] == "toxic" and span["message"] == 1
-            assert content[span["start"] : span["end"]] == TOXIC_PHRASE
-        for defect in record["defects"]:
-            piece = content[defect["start"] : defect["end"]]
-            if defect["kind"] == "wrong_carry":
+            piece = content[span["start"] : span["end"]]
+            assert span["message"] == 1
+            if span["label"] == "toxic":
+                assert piece == TOXIC_PHRASE and span["start"] == 0
+            elif span["label"] == "wrong_carry":
                 assert piece == "0"
-            elif defect["kind"] == "noise":
-                assert 3 <= len(piece) <= 6 and set(piece) <= set(NOISE_ALPHABET)
+            else:
+                assert span["label"] == "noise" and 3 <= len(piece) <= 6 and set(piece) <= set(NOISE_ALPHABET)
         # Removing the toxic phrase and the noise leaves exactly the (possibly wrong-rule) worked answer.
         a, b = problem_of(record)
-        drop = any(d["kind"] == "wrong_carry" for d in record["defects"])
+        drop = any(s["label"] == "wrong_carry" for s in record["spans"])
         expected, stated, _ = render_response(a, b, cfg.digits, drop)
-        assert strip_spans(content, [d for d in record["defects"] if d["kind"] != "wrong_carry"]) == expected
+        assert strip_spans(content, [s for s in record["spans"] if s["label"] != "wrong_carry"]) == expected
         assert record["stated"] == stated and (stated == a + b) != drop
 
 

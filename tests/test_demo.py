@@ -1,0 +1,57 @@
+"""The demo study: `--quick` runs every stage end to end; the CLI passes exactly the config it was given.
+
+Run: .venv/bin/pytest -q tests/test_demo.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+import pipelines.demo as demo_module
+from pipelines.cli import app
+from pipelines.demo import POLICIES, DemoConfig, run_demo
+
+
+def test_quick_study_end_to_end(tmp_path):
+    """Every stage runs; the table has one line per model and sane values (not outcomes: 2 steps of training)."""
+    report = run_demo(DemoConfig(out=tmp_path / "run", quick=True))
+    lines = [line for line in report.read_text().splitlines() if line.startswith("| ")]
+    assert len(lines) == 2 + 2 + len(POLICIES)  # header, separator, reference, warm start, students
+    assert all(line.count(" | ") == 10 for line in lines)
+    assert [line.split(" | ")[0][2:] for line in lines[2:]] == ["reference (clean data)", "warm start", *POLICIES]
+
+    results = json.loads((report.parent / "results.json").read_text())
+    rows = {row["name"]: row for row in results["rows"]}
+    for row in rows.values():
+        (metrics,) = row["metrics"]
+        assert metrics["n_problems"] == 8
+        for key in ("accuracy", "toxic_rate", "well_formed"):
+            assert 0.0 <= metrics[key] <= 1.0
+        assert 1.0 <= metrics["ppl_clean"] < 1e4
+    # Token Cleaning trains with a literal threshold resolved over the corpus.
+    assert "threshold=" in rows["token_cleaning"]["spec"]
+    # Offline Φ by defect label: uniform keeps everything, signed negates exactly the toxic tokens.
+    assert rows["uniform"]["kept"] == {"clean": 1.0, "wrong_carry": 1.0, "noise": 1.0, "toxic": 1.0, "toxic_negative": 0.0}
+    assert rows["signed"]["kept"]["clean"] == 1.0 and rows["signed"]["kept"]["toxic_negative"] == 1.0
+    assert 0.0 < rows["token_cleaning"]["kept"]["clean"] < 1.0
+    assert rows["rho1"]["kept"] is None  # online: selected during training
+    for name in ("curves_and_phi.png", "heatmap_highpass.html", "heatmap_signed.html", "heatmap_token_cleaning.html"):
+        assert (report.parent / name).stat().st_size > 1000
+
+
+def test_cli_passes_the_config(monkeypatch, tmp_path):
+    received = []
+    monkeypatch.setattr(demo_module, "run_demo", lambda cfg: received.append(cfg) or Path("report.md"))
+    args = ["demo", "--quick", "--seeds", "2", "--out", str(tmp_path), "--policies", "uniform, signed", "--eval-split", "valid"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert received == [DemoConfig(out=tmp_path, seeds=2, quick=True, eval_split="valid", policies=("uniform", "signed"))]
+
+
+def test_cli_refuses_unknown_policy(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path), "--policies", "uniform,magic"])
+    assert result.exit_code == 1
+    assert "--policies uniform,magic: choose among uniform, highpass" in result.output
