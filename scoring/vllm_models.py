@@ -1,0 +1,101 @@
+"""The `<Arch>ForPromptScoring` pooling models that `scoring.vllm_plugin.register` names (vLLM 0.32 internals).
+
+Imported only inside vLLM engine processes, when a scoring architecture is resolved. Each class is the
+unchanged causal LM plus `PromptScoringPooler`; see scoring/vllm_plugin.py for the output contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Set
+
+import torch
+from vllm.model_executor.layers.pooler import Pooler, PoolingParamsUpdate
+from vllm.model_executor.layers.pooler.tokwise.methods import AllPool
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+from scoring.stats import chunk_rows_for_budget
+from scoring.vllm_plugin import LOGITS_BUDGET_BYTES
+
+
+def logprob_entropy_rows(logits: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+    """(n, 2) float32 [log p(next_ids[i]), H(p)] for each row of `logits` (n, V); NaN log-prob past next_ids.
+
+    p = softmax(logits.float()); H = -Σ_v p_v log p_v (nats). `next_ids` (m,) with m ≤ n holds the token
+    that follows each row; the last row of a prompt has none (m = n - 1).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+    rows = torch.full((logits.shape[0], 2), float("nan"), dtype=torch.float32, device=logits.device)
+    rows[:, 1] = -(logp.exp() * logp).sum(-1)
+    m = next_ids.shape[0]
+    rows[:m, 0] = logp[:m].gather(-1, next_ids[:, None]).squeeze(-1)
+    return rows
+
+
+class PromptScoringPooler(Pooler):
+    """Pools every prompt position into [log p(next token), entropy] with the model's own output layer.
+
+    AllPool gathers a prompt's hidden states across chunked-prefill steps; the output layer then runs
+    over at most `chunk_rows` positions at a time, so the float32 logits never exceed LOGITS_BUDGET_BYTES.
+    With tensor parallelism, `compute_logits` gathers to the first rank and returns None elsewhere; those
+    ranks return NaN rows, which vLLM discards (only the first rank's output is returned).
+    """
+
+    def __init__(self, compute_logits: Callable[[torch.Tensor], torch.Tensor | None], vocab_size: int):
+        super().__init__()
+        self.all_pool = AllPool()
+        self.compute_logits = compute_logits
+        self.chunk_rows = chunk_rows_for_budget(vocab_size, LOGITS_BUDGET_BYTES)
+
+    def get_supported_tasks(self) -> Set[str]:
+        return {"token_classify"}
+
+    def get_pooling_updates(self, task: str) -> PoolingParamsUpdate:
+        return PoolingParamsUpdate(requires_token_ids=True)  # the targets are the prompt's next tokens
+
+    def forward(self, hidden_states: torch.Tensor, pooling_metadata) -> list[torch.Tensor | None]:
+        pooled = []
+        for hidden, ids in zip(self.all_pool(hidden_states, pooling_metadata), pooling_metadata.get_prompt_token_ids_cpu()):
+            if hidden is None:  # this prompt's prefill is not finished yet
+                pooled.append(None)
+                continue
+            pooled.append(self._score_prompt(hidden, ids.to(hidden.device, torch.long)))
+        return pooled
+
+    def _score_prompt(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        n = hidden.shape[0]  # prompt length L
+        rows = torch.full((n, 2), float("nan"), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, self.chunk_rows):
+            stop = min(start + self.chunk_rows, n)
+            logits = self.compute_logits(hidden[start:stop])  # (rows, V), scale and soft-cap applied
+            if logits is not None:
+                rows[start:stop] = logprob_entropy_rows(logits, ids[start + 1 : stop + 1])
+        return rows
+
+
+class _PromptScoring:
+    """Mixin: the causal LM, declared a pooling model, with PromptScoringPooler as its pooler."""
+
+    is_pooling_model = True
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.pooler = PromptScoringPooler(self.compute_logits, vllm_config.model_config.get_vocab_size())
+
+
+class LlamaForPromptScoring(_PromptScoring, LlamaForCausalLM):
+    pass
+
+
+class MistralForPromptScoring(_PromptScoring, MistralForCausalLM):
+    pass
+
+
+class Qwen2ForPromptScoring(_PromptScoring, Qwen2ForCausalLM):
+    pass
+
+
+class Qwen3ForPromptScoring(_PromptScoring, Qwen3ForCausalLM):
+    pass
