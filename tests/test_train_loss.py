@@ -15,8 +15,9 @@ from scoring.priority import parse_priority
 from scoring.shards import open_shards
 from training.data import epoch_windows, iter_epoch, make_micro_batch, read_groups, row_groups, window_plan
 from training.distributed import Dist
+from training.head import fused_weighted_head
 from training.loss import normalizer, token_terms
-from training.step import HeadStats, StepSettings, accumulate_step, global_priority
+from training.step import StepSettings, StudentLoss, accumulate_step, global_priority
 
 ONE = Dist(rank=0, world_size=1, local_rank=0)
 COLUMNS = ["label", "ref_logprob", "ref_entropy", "weight"]
@@ -46,15 +47,17 @@ def fresh_model(tokenizer, seed=1):
 def settings_for(spec, normalize, label_names, neg_loss="none", clip_nats=1e9, ramp=0, prepass=None):
     priority = parse_priority(spec)
     global_rho1 = any(a["scope"] == "global" for a in priority.terms("rho1"))
-    return StepSettings(priority=priority, normalize=normalize, neg_loss=neg_loss, clip_nats=clip_nats, neg_ramp_steps=ramp,
-                        prepass=priority.online and (global_rho1 or normalize == "per_sign") if prepass is None else prepass,
-                        with_entropy=False, label_names=label_names, device=torch.device("cpu"))
+    settings = StepSettings(priority=priority, normalize=normalize, neg_ramp_steps=ramp,
+                            prepass=priority.online and (global_rho1 or normalize == "per_sign") if prepass is None else prepass,
+                            with_entropy=False, label_names=label_names, device=torch.device("cpu"))
+    return settings, {"neg_loss": neg_loss, "clip_nats": clip_nats}
 
 
-def our_gradient(model, mbs, settings, step=0):
+def our_gradient(model, mbs, settings_and_loss, step=0):
     """The trainer's gradient of L = Σ w·f(ℓ) / Z: accumulate over micro-batches, then divide by Z."""
+    settings, loss = settings_and_loss
     model.zero_grad(set_to_none=True)
-    core = HeadStats(model, chunk_rows=7, autocast_dtype=None)
+    core = StudentLoss(model, chunk_rows=7, autocast_dtype=None, **loss)
     result = accumulate_step(core, core, mbs, settings, step, ONE)
     z = normalizer(result["counts"], settings.normalize)
     return {n: p.grad.detach().clone() / z for n, p in model.named_parameters()}, result["sums"][0].item() / z
@@ -195,28 +198,61 @@ def test_zero_weight_token_contributes_no_gradient(shards, tokenizer, label_name
     assert not torch.equal(c["lm_head.weight"], d["lm_head.weight"])
 
 
-def test_unlikelihood_and_clip_terms_are_finite_and_bounded():
-    logprob = torch.tensor([0.0, -1e-9, -0.5, -3.0, -50.0], requires_grad=True)
-    weight = torch.tensor([-1.0, -1.0, -2.0, -1.0, -1.0])
-    terms, _ = token_terms(logprob, weight, neg_loss="unlikelihood", clip_nats=5.0)
-    expected = torch.tensor([-math.log(1e-6), -math.log(1e-6), 2 * -math.log(1 - math.exp(-0.5)), -math.log(1 - math.exp(-3.0)), 0.0])
-    torch.testing.assert_close(terms.double(), expected.double(), rtol=1e-4, atol=1e-6)
-    terms.sum().backward()
-    assert torch.isfinite(logprob.grad).all()
-    # clip: Φ·ℓ below c, 0 from c on (no gradient there)
-    logprob = torch.tensor([-1.0, -4.9, -5.0, -9.0], requires_grad=True)
-    terms, clipped = token_terms(logprob, torch.full((4,), -2.0), neg_loss="clip", clip_nats=5.0)
+def test_token_terms_and_slopes_match_autograd():
+    """Terms by hand; slopes ∂t/∂log p against float64 autograd of the same formulas."""
+    logprob = torch.tensor([0.0, -1e-9, -0.5, -3.0, -50.0, -0.2, -7.0])
+    weight = torch.tensor([-1.0, -1.0, -2.0, -1.0, -1.0, 1.5, 0.0])
+    terms, slopes, _ = token_terms(logprob, weight, neg_loss="unlikelihood", clip_nats=5.0)
+    expected = [-math.log(1e-6), -math.log(1e-6), 2 * -math.log(1 - math.exp(-0.5)), -math.log(1 - math.exp(-3.0)), 0.0, 0.3, 0.0]
+    torch.testing.assert_close(terms.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+    lp = logprob.double().requires_grad_(True)
+    capped = lp.clamp(max=math.log(1 - 1e-6))
+    reference = torch.where(weight < 0, weight.abs() * -torch.log(-torch.expm1(capped)), weight * -lp)
+    reference.sum().backward()
+    torch.testing.assert_close(slopes.double(), lp.grad, rtol=1e-4, atol=1e-6)
+    assert torch.isfinite(slopes).all() and slopes[0] == 0  # p capped at 1 − 1e-6: no gradient there
+    # clip: Φ·ℓ below c, 0 from c on (slope 0 there)
+    logprob = torch.tensor([-1.0, -4.9, -5.0, -9.0])
+    terms, slopes, clipped = token_terms(logprob, torch.full((4,), -2.0), neg_loss="clip", clip_nats=5.0)
     torch.testing.assert_close(terms, torch.tensor([-2.0, -9.8, 0.0, 0.0]))
     assert clipped.tolist() == [False, False, True, True]
-    terms.sum().backward()
-    assert logprob.grad.tolist() == [2.0, 2.0, 0.0, 0.0]
+    assert slopes.tolist() == [2.0, 2.0, 0.0, 0.0]
+    terms, slopes, _ = token_terms(logprob, torch.full((4,), -2.0), neg_loss="none", clip_nats=5.0)
+    assert slopes.tolist() == [2.0] * 4 and terms.tolist() == pytest.approx([-2.0, -9.8, -10.0, -18.0])
+
+
+@pytest.mark.parametrize("neg_loss", ["clip", "unlikelihood", "none"])
+def test_fused_head_equals_autograd_through_token_stats(neg_loss):
+    """The fused head's loss and gradients (hidden, weight, bias) equal autograd through token_stats' float32 head."""
+    from scoring.stats import token_stats
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True)
+    head.weight.data.mul_(4.0)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    phi = torch.randn(23)
+    clip = 3.0
+    model = type("M", (), {"get_output_embeddings": lambda self: head})()
+    logprob, _ = token_stats(model, hidden, targets, chunk_rows=5, with_entropy=False)
+    nll = -logprob
+    capped = logprob.clamp(max=math.log(1 - 1e-6))
+    negative = {"clip": phi * nll * (nll < clip).detach(), "unlikelihood": phi.abs() * -torch.log(-torch.expm1(capped)), "none": phi * nll}[neg_loss]
+    reference = torch.where(phi < 0, negative, phi * nll).sum()
+    ref_grads = torch.autograd.grad(reference, [hidden, head.weight, head.bias])
+    ours, our_logprob, _ = fused_weighted_head(head, hidden, targets, phi, neg_loss=neg_loss, clip_nats=clip, chunk_rows=5)
+    our_grads = torch.autograd.grad(2.0 * ours, [hidden, head.weight, head.bias])
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(our_logprob, logprob.detach(), rtol=1e-6, atol=1e-6)
+    for mine, ref in zip(our_grads, ref_grads):
+        torch.testing.assert_close(mine, 2.0 * ref, rtol=1e-4, atol=1e-5)
 
 
 def test_rho1_selects_exactly_top_k_of_the_global_batch(shards, tokenizer, label_names):
     model = fresh_model(tokenizer)
     mbs = micro_batches(shards, label_names, count=3)
-    settings = settings_for("rho1(k=0.37)", "selected", label_names)
-    core = HeadStats(model, chunk_rows=7, autocast_dtype=None)
+    settings, loss = settings_for("rho1(k=0.37)", "selected", label_names)
+    core = StudentLoss(model, chunk_rows=7, autocast_dtype=None, **loss)
     phis = global_priority(core, mbs, settings, 0, ONE)
     # Reference: excess = NLL_student − NLL_ref over all candidates of all micro-batches together.
     with torch.no_grad():
@@ -251,8 +287,8 @@ def test_negative_phi_raises_negative_nll_and_lowers_positive_nll(tmp_path, toke
         model = fresh_model(tokenizer)
         with torch.no_grad():
             model.lm_head.weight.div_(20.0)  # near-uniform start: NLL ≈ ln V, below the clip at 8 nats
-        settings = settings_for("labels(toxic=-1)", "per_sign", ["toxic"], neg_loss=neg_loss, clip_nats=8.0)
-        core = HeadStats(model, chunk_rows=64, autocast_dtype=None)
+        settings, loss = settings_for("labels(toxic=-1)", "per_sign", ["toxic"], neg_loss=neg_loss, clip_nats=8.0)
+        core = StudentLoss(model, chunk_rows=64, autocast_dtype=None, **loss)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         history = []
         for step in range(6):

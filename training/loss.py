@@ -57,24 +57,31 @@ def sign_weights(phi: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch.where(phi > 0, phi / positive, phi / negative)
 
 
-def token_terms(logprob: torch.Tensor, weight: torch.Tensor, *, neg_loss: str, clip_nats: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token loss terms w·f(ℓ) and which negative tokens were clipped.
+def token_terms(logprob: torch.Tensor, weight: torch.Tensor, *, neg_loss: str, clip_nats: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token loss terms t = w·f(ℓ), their slopes ∂t/∂log p, and which negative tokens were clipped.
 
-    logprob: (n,) float32 log p_student(x_t) with grad; weight: (n,) float32 detached (Φ after ramp and
-    per-sign division). Returns (terms (n,) float32, clipped (n,) bool). Terms are finite for every input.
+    logprob: (n,) float32 log p_student(x_t); weight: (n,) float32 (Φ after ramp and per-sign division).
+    Returns (terms, slopes, clipped): (n,) float32, (n,) float32, (n,) bool; all finite for every input.
+    Positive w: t = w·ℓ, slope −w. Negative w:
+      clip          t = w·ℓ and slope −w while ℓ < c; t = 0 and slope 0 from c on
+      unlikelihood  t = |w|·(−log(1 − p)), slope |w|·p/(1 − p) for p < 1 − 1e-6 (p capped there, slope 0)
+      none          t = w·ℓ, slope −w
     """
     nll = -logprob
     negative = weight < 0
+    plain_terms, plain_slopes = weight * nll, -weight
     if neg_loss == "clip":
-        clipped = negative & (nll.detach() >= clip_nats)
-        negative_terms = weight * nll * (~clipped)
+        clipped = negative & (nll >= clip_nats)
+        neg_terms, neg_slopes = plain_terms * ~clipped, plain_slopes * ~clipped
     elif neg_loss == "unlikelihood":
         clipped = torch.zeros_like(negative)
         capped = logprob.clamp(max=math.log(UNLIKELIHOOD_MAX_P))
-        negative_terms = weight.abs() * -torch.log(-torch.expm1(capped))  # −log(1 − p), stable near p = 1
+        p = capped.exp()
+        neg_terms = weight.abs() * -torch.log(-torch.expm1(capped))  # −log(1 − p), stable near p = 1
+        neg_slopes = weight.abs() * p / -torch.expm1(capped) * (logprob < math.log(UNLIKELIHOOD_MAX_P))
     else:
         clipped = torch.zeros_like(negative)
-        negative_terms = weight * nll
-    # Multiplying by masks (not torch.where) keeps the unused branch's gradient out of the sum.
-    terms = (weight * nll) * (~negative) + negative_terms * negative
-    return terms, clipped
+        neg_terms, neg_slopes = plain_terms, plain_slopes
+    terms = torch.where(negative, neg_terms, plain_terms)
+    slopes = torch.where(negative, neg_slopes, plain_slopes)
+    return terms, slopes, clipped

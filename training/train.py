@@ -35,7 +35,7 @@ from training.checks import check_student, scan_corpus
 from training.data import count_micro_batches, iter_epoch, row_groups
 from training.distributed import Dist, barrier, init_distributed, shutdown
 from training.loss import COUNT_NAMES, NEG_LOSSES, NORMALIZERS, normalizer
-from training.step import HeadStats, StepSettings, accumulate_step
+from training.step import StepSettings, StudentLoss, accumulate_step
 
 DTYPES = ("auto", "fp32", "bf16")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -213,12 +213,12 @@ def train(cfg: TrainConfig) -> Path:
     say(f"student {cfg.model} ({origin}); compute {dtype_reason}; priority {priority.text!r}, normalize={normalize}, "
         f"neg_loss={cfg.neg_loss}; {total_steps} steps of {per_step} micro-batches ≤ {cfg.batch_tokens} tokens")
 
-    core = HeadStats(model, chunk_rows_for_budget(vocab_size, DEFAULT_LOGITS_BUDGET_BYTES), autocast_dtype)
+    core = StudentLoss(model, chunk_rows_for_budget(vocab_size, DEFAULT_LOGITS_BUDGET_BYTES), autocast_dtype,
+                       neg_loss=cfg.neg_loss, clip_nats=cfg.neg_clip_nats or math.log(vocab_size))
     student = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None) if ctx.world_size > 1 else core
     global_rho1 = any(args["scope"] == "global" for args in priority.terms("rho1"))
     settings = StepSettings(
-        priority=priority, normalize=normalize, neg_loss=cfg.neg_loss, clip_nats=cfg.neg_clip_nats or math.log(vocab_size),
-        neg_ramp_steps=cfg.neg_ramp, prepass=priority.online and (global_rho1 or normalize == "per_sign"),
+        priority=priority, normalize=normalize, neg_ramp_steps=cfg.neg_ramp, prepass=priority.online and (global_rho1 or normalize == "per_sign"),
         with_entropy=bool(priority.terms("student_entropy")), label_names=summary.label_names, device=device,
     )
     columns = sorted(priority.columns | {"weight"})
@@ -312,6 +312,8 @@ def step_metrics(result: dict, z: float, grad_norm: float, step: int, epoch: int
         "nll_negative": sums[3] / max(sums[4], 1),
         "negative_tokens": sums[4],
         "clipped_share": sums[5] / max(sums[4], 1),
+        "input_tokens": sums[6],  # real (unpadded) tokens of the global batch
+        "step_seconds": seconds,
         "tokens_per_s": sums[6] / seconds,
         "skipped": int(z == 0),
     }
