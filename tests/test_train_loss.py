@@ -300,3 +300,32 @@ def test_negative_phi_raises_negative_nll_and_lowers_positive_nll(tmp_path, toke
         assert all(np.isfinite(history).ravel()), (neg_loss, history)
         (pos0, neg0), (pos1, neg1) = history[0], history[-1]
         assert pos1 < pos0 - 0.1 and neg1 > neg0 + 0.1, (neg_loss, history)
+
+
+def test_dft_weights_come_from_the_student_in_the_same_pass(shards, tokenizer, label_names):
+    """dft (Φ = sg(p_student)) through the online path equals the float64 gradient of Σ sg(p)·ℓ / #targets."""
+    model = fresh_model(tokenizer)
+    with torch.no_grad():
+        model.lm_head.weight.div_(20.0)  # p far from 0, so the weights matter
+    mbs = micro_batches(shards, label_names)
+    settings = settings_for("dft", "tokens", label_names)
+    assert not settings[0].prepass
+    ours, our_loss = our_gradient(model, mbs, settings)
+    with torch.no_grad():
+        p = torch.cat(reference_terms(fresh_copy(model).double(), mbs)).exp()
+    mask = torch.cat([mb.tokens["loss_mask"] for mb in mbs])
+    weights = (p * mask).float()
+    sizes = [mb.targets.numel() for mb in mbs]
+    ref, ref_loss = reference_gradient(model, mbs, list(weights.split(sizes)), "tokens", "none", 1e9)
+    assert our_loss == pytest.approx(ref_loss, rel=1e-5)
+    assert_grads_close(ours, ref)
+
+
+def test_rho1_micro_scope_selects_per_micro_batch(shards, tokenizer, label_names):
+    model = fresh_model(tokenizer)
+    mbs = micro_batches(shards, label_names, count=3)
+    settings, loss = settings_for("rho1(k=0.37, scope=micro)", "selected", label_names)
+    assert not settings.prepass
+    core = StudentLoss(model, chunk_rows=7, autocast_dtype=None, **loss)
+    counts = accumulate_step(core, core, mbs, settings, 0, ONE)["counts"]
+    assert int(counts[1]) == sum(math.ceil(0.37 * int(mb.tokens["loss_mask"].sum())) for mb in mbs)
