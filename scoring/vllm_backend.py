@@ -106,7 +106,8 @@ def load_vllm_engine(
     """Start one vLLM engine that scores windows of at most `max_model_len` tokens with `model`.
 
     dtype: the weights' compute dtype ("auto" = the checkpoint's); the output layer always runs in float32.
-    entropy: "exact" (pooling plugin, supported architectures) or "topk" (estimate, any architecture).
+    entropy: "exact" (pooling plugin, supported architectures) or "topk" (estimate, any architecture;
+             the engine then holds max_model_len + 1 positions, which the model must support).
     gpu_memory_utilization: fraction of GPU memory (CPU build: of the NUMA node's RAM) vLLM may take.
     Call it under `if __name__ == "__main__":` in scripts: the engine starts worker processes.
     """
@@ -125,12 +126,14 @@ def load_vllm_engine(
 
     from vllm import LLM
 
+    # The generate runner samples one token after the prompt (discarded), which must fit in the engine too.
+    engine_len = max_model_len if entropy == "exact" else max_model_len + 1
     llm = LLM(
         model=model,
         runner="pooling" if entropy == "exact" else "generate",
         hf_overrides=overrides,
         dtype=dtype,
-        max_model_len=max_model_len,
+        max_model_len=engine_len,
         tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization,
         enable_prefix_caching=False,

@@ -22,7 +22,7 @@ import scoring.vllm_backend as vllm_backend
 from pipelines.score import ScoreConfig, VllmOptions, score
 from scoring.vllm_backend import TOPK, close_vllm_engine, load_vllm_engine, score_windows_vllm, topk_entropy, validate_engine_options, vllm_model_info
 
-MAX_MODEL_LEN = 512  # tokens; the session engine's window limit
+MAX_MODEL_LEN = 500  # tokens per window; below the model's 512 positions, as top-k mode needs one more
 TOLERANCE = 1e-4  # nats, float32 engine against float64 references
 
 
@@ -124,9 +124,9 @@ def test_exact_entropy_refuses_an_unsupported_architecture(tmp_path):
 
 
 def test_exact_engine_matches_float64_reference(exact_engine, reference_model):
-    # 14 windows, 5,900 tokens: more than one scheduler step (4,096 tokens), so some window's prefill is
+    # 15 windows, 4,834 tokens: more than one scheduler step (4,096 tokens), so some window's prefill is
     # split across steps and its hidden states are gathered by the pooler before scoring.
-    lengths = [1, 2, 3, 17, 64, 255, MAX_MODEL_LEN] + [500] * 7 + [MAX_MODEL_LEN - 1]
+    lengths = [1, 2, 3, 17, 64, 255, MAX_MODEL_LEN] + [MAX_MODEL_LEN - 1] * 8
     windows = random_windows(exact_engine.vocab_size, lengths, seed=1)
     results = score_windows_vllm(exact_engine, windows)
     assert len(results) == len(windows)
@@ -209,7 +209,7 @@ def test_score_pipeline_shards_agree_between_hf_and_vllm(exact_engine, reference
 
 def test_topk_engine_returns_exact_logprobs_and_the_topk_entropy_estimate(topk_engine, reference_model):
     engine = topk_engine
-    windows = random_windows(engine.vocab_size, [1, 2, 30, 200], seed=3)
+    windows = random_windows(engine.vocab_size, [1, 2, 30, 200, MAX_MODEL_LEN], seed=3)
     for window, (logprob, entropy) in zip(windows, score_windows_vllm(engine, windows)):
         assert logprob.shape == entropy.shape == (len(window),) and np.isnan(logprob[0]) and np.isnan(entropy[0])
         ref_logprob, ref_entropy = float64_stats(reference_model, window)
