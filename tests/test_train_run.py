@@ -203,3 +203,15 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, shards, stude
     lines = lambda run: [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert [r["step"] for r in lines(killed)] == list(range(1, 31))
     assert [r["loss"] for r in lines(killed)] == [r["loss"] for r in lines(whole)]
+
+
+def test_config_only_student_is_initialised_from_the_seed(tmp_path, tokenizer, shards):
+    """A folder with config.json and a tokenizer but no weights: random init from `seed`, reproducible."""
+    folder = tmp_path / "config_only"
+    build_model(len(tokenizer), hidden_size=64, layers=1).config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    finals = [train(config(shards, folder, tmp_path / f"run{i}", steps=1, seed=seed)) for i, seed in enumerate((5, 5, 6))]
+    weights = [load_file(final / "model.safetensors") for final in finals]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not torch.equal(weights[0]["lm_head.weight"], weights[2]["lm_head.weight"])
+    assert json.loads((tmp_path / "run0" / "config.json").read_text())["student"] == "random init from config.json, seed 5"
