@@ -20,27 +20,24 @@ from scoring.stats import chunk_rows_for_budget
 from scoring.vllm_plugin import LOGITS_BUDGET_BYTES
 
 
-def logprob_entropy_rows(logits: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
-    """(n, 2) float32 [log p(next_ids[i]), H(p)] for each row of `logits` (n, V); NaN log-prob past next_ids.
+def logprob_entropy_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(n, 2) float32 [log p(targets[i]), H(p)] for each row of `logits` (n, V), p = softmax(logits.float()).
 
-    p = softmax(logits.float()); H = -Σ_v p_v log p_v (nats). `next_ids` (m,) with m ≤ n holds the token
-    that follows each row; the last row of a prompt has none (m = n - 1).
+    H = -Σ_v p_v log p_v in nats; targets (n,) int64.
     """
     logp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
-    rows = torch.full((logits.shape[0], 2), float("nan"), dtype=torch.float32, device=logits.device)
-    rows[:, 1] = -(logp.exp() * logp).sum(-1)
-    m = next_ids.shape[0]
-    rows[:m, 0] = logp[:m].gather(-1, next_ids[:, None]).squeeze(-1)
-    return rows
+    entropy = -(logp.exp() * logp).sum(-1)
+    return torch.stack([logp.gather(-1, targets[:, None]).squeeze(-1), entropy], dim=-1)
 
 
 class PromptScoringPooler(Pooler):
     """Pools every prompt position into [log p(next token), entropy] with the model's own output layer.
 
-    AllPool gathers a prompt's hidden states across chunked-prefill steps; the output layer then runs
-    over at most `chunk_rows` positions at a time, so the float32 logits never exceed LOGITS_BUDGET_BYTES.
-    With tensor parallelism, `compute_logits` gathers to the first rank and returns None elsewhere; those
-    ranks return NaN rows, which vLLM discards (only the first rank's output is returned).
+    AllPool gathers a prompt's hidden states across chunked-prefill steps; the prompts that finish in a
+    step are then scored together, the output layer running over at most `chunk_rows` positions at a
+    time, so the float32 logits never exceed LOGITS_BUDGET_BYTES. With tensor parallelism,
+    `compute_logits` gathers to the first rank and returns None elsewhere; those ranks return NaN rows,
+    which vLLM discards (only the first rank's output is returned).
     """
 
     def __init__(self, compute_logits: Callable[[torch.Tensor], torch.Tensor | None], vocab_size: int):
@@ -56,22 +53,28 @@ class PromptScoringPooler(Pooler):
         return PoolingParamsUpdate(requires_token_ids=True)  # the targets are the prompt's next tokens
 
     def forward(self, hidden_states: torch.Tensor, pooling_metadata) -> list[torch.Tensor | None]:
-        pooled = []
-        for hidden, ids in zip(self.all_pool(hidden_states, pooling_metadata), pooling_metadata.get_prompt_token_ids_cpu()):
-            if hidden is None:  # this prompt's prefill is not finished yet
-                pooled.append(None)
-                continue
-            pooled.append(self._score_prompt(hidden, ids.to(hidden.device, torch.long)))
+        pooled = self.all_pool(hidden_states, pooling_metadata)  # per prompt: (L, D), None while unfinished
+        finished = [i for i, hidden in enumerate(pooled) if hidden is not None]
+        if not finished:
+            return pooled
+        prompt_ids = pooling_metadata.get_prompt_token_ids_cpu()
+        hidden = torch.cat([pooled[i] for i in finished])  # (N, D), N = Σ L
+        # Row t of a prompt predicts its token t+1; its last row has no target (placeholder 0, NaN below).
+        targets = torch.cat([torch.cat([prompt_ids[i][1:], prompt_ids[i].new_zeros(1)]) for i in finished])
+        rows = self._score_rows(hidden, targets.to(hidden.device, torch.long))  # (N, 2)
+        lengths = [pooled[i].shape[0] for i in finished]
+        rows[torch.tensor(lengths).cumsum(0) - 1, 0] = float("nan")
+        for i, prompt_rows in zip(finished, rows.split(lengths)):
+            pooled[i] = prompt_rows
         return pooled
 
-    def _score_prompt(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        n = hidden.shape[0]  # prompt length L
-        rows = torch.full((n, 2), float("nan"), dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, self.chunk_rows):
-            stop = min(start + self.chunk_rows, n)
+    def _score_rows(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows = torch.full((hidden.shape[0], 2), float("nan"), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], self.chunk_rows):
+            stop = start + self.chunk_rows
             logits = self.compute_logits(hidden[start:stop])  # (rows, V), scale and soft-cap applied
             if logits is not None:
-                rows[start:stop] = logprob_entropy_rows(logits, ids[start + 1 : stop + 1])
+                rows[start:stop] = logprob_entropy_rows(logits, targets[start:stop])
         return rows
 
 
