@@ -97,7 +97,7 @@ def main() -> None:
     def best(method, key):
         return max(r[key] for r in results[method]) if key == "tokens_per_s" else min(r[key] for r in results[method])
 
-    ours, bare = results["tokenprio"][0], results["bare"][0]
+    ours = results["tokenprio"][0]
     print(f"\nmodel: {ours['params_m']:.1f}M parameters, vocab 50,257; {ours['tokens']} tokens per round; batch_tokens {args.batch_tokens}")
     print(f"tokenprio (logprob + exact entropy): {best('tokenprio', 'tokens_per_s'):.0f} tok/s, peak RSS {best('tokenprio', 'peak_rss_mib'):.0f} MiB")
     print(f"bare forward (logprob only):         {best('bare', 'tokens_per_s'):.0f} tok/s, peak RSS {best('bare', 'peak_rss_mib'):.0f} MiB")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from pathlib import Path

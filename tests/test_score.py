@@ -4,11 +4,9 @@ Run: pytest tests/test_score.py
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
