@@ -283,7 +283,7 @@ def worker(method: str, work: Path, shards_name: str, steps: int, batch_tokens: 
 def measure(method: str, work: Path, shards_name: str, args) -> dict | None:
     command = [sys.executable, __file__, "--worker", method, "--shards-name", shards_name, "--work", str(work),
                "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         print(f"{method} failed:\n{done.stderr[-2000:]}")
@@ -335,11 +335,11 @@ def main() -> None:
     # ---- one process alternating the three steps batch by batch (steadier ratios on a loaded machine)
     command = [sys.executable, __file__, "--worker", "alternating", "--shards-name", "signed", "--work", str(args.work),
                "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    lines = [line for line in finished.stdout.splitlines() if line.startswith("RESULT ")]
     alternating = json.loads(lines[-1][len("RESULT ") :]) if lines else None
     if alternating is None:
-        print(f"alternating steps failed:\n{done.stderr[-2000:]}")
+        print(f"alternating steps failed:\n{finished.stderr[-2000:]}")
     large = [r for r in (measure("tokenprio_weighted", args.work, "signed10", args) for _ in range(args.rounds)) if r]
 
     # ---- summary: medians over rounds; CPU-time throughput is steadier on a shared machine
@@ -352,7 +352,9 @@ def main() -> None:
     for m in done:
         print(f"  {m:20s} {median(m, 'tokens_per_s'):9.0f} {median(m, 'tokens_per_cpu_s'):13.0f} {median(m, 'peak_rss_mib'):13.0f}")
     for key, unit in (("tokens_per_s", "wall"), ("tokens_per_cpu_s", "CPU")):
-        ratio = lambda a, b: median(a, key) / median(b, key)  # noqa: E731
+        def ratio(a: str, b: str, key: str = key) -> float:
+            return median(a, key) / median(b, key)
+
         line = f"[{unit}] tokenprio/bare {ratio('tokenprio_uniform', 'bare'):.2f}x (weighted {ratio('tokenprio_weighted', 'bare'):.2f}x; target >= 1.2x)"
         if "trl" in done:
             line += f"; tokenprio/TRL {ratio('tokenprio_uniform', 'trl'):.2f}x (target >= 1.7x)"
@@ -360,7 +362,10 @@ def main() -> None:
         print(line)
     if alternating:
         seconds, tokens = alternating["seconds"], alternating["tokens"]
-        paired = lambda a, b: statistics.median(x / y for x, y in zip(seconds[a], seconds[b]))  # noqa: E731
+
+        def paired(a: str, b: str) -> float:
+            return statistics.median(x / y for x, y in zip(seconds[a], seconds[b]))
+
         rates = {m: sum(tokens) / sum(s) for m, s in seconds.items()}
         print(f"alternating steps in one process ({len(tokens)} batches each): tokens/s weighted {rates['weighted']:.0f}, "
               f"unweighted {rates['uniform']:.0f}, bare {rates['bare']:.0f}; median paired time ratios: bare/tokenprio "

@@ -42,10 +42,10 @@ def test_two_process_ddp_equals_one_process(setup, world_size):
     shards, student, root = setup
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     single = subprocess.run([TOKENPRIO, *args(shards, student, root / "one", world_size)],
-                            cwd=ROOT, env=env, capture_output=True, text=True)
+                            cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world_size),
-                          "--no-python", TOKENPRIO, *args(shards, student, root / "ddp", 1)], cwd=ROOT, env=env, capture_output=True, text=True)
+                          "--no-python", TOKENPRIO, *args(shards, student, root / "ddp", 1)], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert json.loads((root / "ddp" / "config.json").read_text())["world_size"] == world_size
     one = load_file(root / "one" / "checkpoint-000004" / "model.safetensors")
@@ -55,7 +55,9 @@ def test_two_process_ddp_equals_one_process(setup, world_size):
         moved = (one[name] - initial[name]).abs().max().item()
         assert moved > 0, name
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5 * max(1.0, moved), msg=name)
-    metrics = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    def metrics(run: Path) -> list[dict]:
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
     for a, b in zip(metrics(root / "one"), metrics(root / "ddp")):
         assert a["z"] == b["z"] and a["targets"] == b["targets"] and a["selected_share"] == b["selected_share"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)

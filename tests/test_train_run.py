@@ -200,7 +200,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, shards, stude
     assert resumed.keys() == reference.keys()
     for name in reference:
         assert torch.equal(resumed[name], reference[name]), name
-    lines = lambda run: [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    def lines(run: Path) -> list[dict]:
+        return [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+
     assert [r["step"] for r in lines(killed)] == list(range(1, 31))
     assert [r["loss"] for r in lines(killed)] == [r["loss"] for r in lines(whole)]
 

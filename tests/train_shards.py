@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from scoring.shards import SCHEMA_VERSION, build_manifest, shard_schema, tokenizer_fingerprint, write_shard_file
+from scoring.shards import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    build_manifest,
+    shard_schema,
+    tokenizer_fingerprint,
+    write_json_atomic,
+    write_shard_file,
+)
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -70,7 +78,5 @@ def write_shards(out: Path, tokenizer, *, n_rows: int = 48, n_shards: int = 2, s
     table = pa.table(cols, schema=schema)
     per = -(-n_rows // n_shards)
     entries = [write_shard_file(table.slice(k * per, per), out, k) for k in range(n_shards)]
-    from scoring.shards import write_json_atomic, MANIFEST_NAME
-
     write_json_atomic(out / MANIFEST_NAME, build_manifest(entries, metadata))
     return out

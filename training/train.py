@@ -178,8 +178,11 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- Plan, optimizer, schedule, resume
     per_step = cfg.grad_accum * ctx.world_size  # micro-batches per optimizer step
-    plan_args = dict(seed=cfg.seed, window_groups=cfg.window_groups, batch_tokens=cfg.batch_tokens)
-    steps_in_epoch = lambda epoch: count_micro_batches(groups, epoch=epoch, **plan_args) // per_step  # noqa: E731
+    plan_args = {"seed": cfg.seed, "window_groups": cfg.window_groups, "batch_tokens": cfg.batch_tokens}
+
+    def steps_in_epoch(epoch: int) -> int:  # whole steps only: a final partial step is dropped
+        return count_micro_batches(groups, epoch=epoch, **plan_args) // per_step
+
     first_epoch_steps = steps_in_epoch(0)
     if first_epoch_steps == 0:
         raise ValueError(
@@ -224,7 +227,6 @@ def train(cfg: TrainConfig) -> Path:
     columns = sorted(priority.columns | {"weight"})
 
     # ---- Training loop
-    metrics = open(run / METRICS_NAME, "a") if ctx.main else None
     writer = tensorboard_writer(run) if ctx.main else None
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not ctx.main)
     model.train()
@@ -243,9 +245,9 @@ def train(cfg: TrainConfig) -> Path:
             optimizer.zero_grad(set_to_none=True)
             step, epoch_step = step + 1, epoch_step + 1
             row = step_metrics(result, z, grad_norm, step, epoch, scheduler.get_last_lr()[0], time.perf_counter() - started)
-            if metrics:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+            if ctx.main:
+                with open(run / METRICS_NAME, "a") as metrics:
+                    metrics.write(json.dumps(row) + "\n")
                 if writer:
                     for key, value in row.items():
                         writer.add_scalar(f"train/{key}", value, step)
@@ -261,8 +263,6 @@ def train(cfg: TrainConfig) -> Path:
         if epoch_step >= epoch_steps:
             epoch, epoch_step = epoch + 1, 0
     bar.close()
-    if metrics:
-        metrics.close()
     if writer:
         writer.close()
     assert last_saved == step, f"final step {step} was not checkpointed (last {last_saved})"
