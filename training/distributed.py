@@ -23,6 +23,8 @@ class Dist:
 def init_distributed(device_type: str) -> Dist:
     """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA); else one process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # NCCL binds each rank to its own GPU
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     rank = dist.get_rank() if world_size > 1 else 0
