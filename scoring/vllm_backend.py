@@ -102,6 +102,8 @@ def load_vllm_engine(
     gpu_memory_utilization: float,
     entropy: str,
     seed: int,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> VllmEngine:
     """Start one vLLM engine that scores windows of at most `max_model_len` tokens with `model`.
 
@@ -139,6 +141,8 @@ def load_vllm_engine(
         enable_prefix_caching=False,
         max_logprobs=TOPK,
         seed=seed,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
     )
     vocab_size = llm.llm_engine.model_config.get_vocab_size()
     return VllmEngine(llm=llm, entropy=entropy, vocab_size=vocab_size, max_model_len=max_model_len)

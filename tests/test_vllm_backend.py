@@ -176,7 +176,7 @@ def test_score_pipeline_shards_agree_between_hf_and_vllm(exact_engine, reference
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
 
-    def session_engine(model, *, dtype, max_model_len, tensor_parallel_size, gpu_memory_utilization, entropy, seed):
+    def session_engine(model, *, dtype, max_model_len, tensor_parallel_size, gpu_memory_utilization, entropy, seed, revision, trust_remote_code):
         # The pipeline's engine request, served by the session engine (one engine per test session).
         assert (model, entropy, tensor_parallel_size) == (str(model_dir), "exact", 1) and max_model_len <= MAX_MODEL_LEN
         return exact_engine
