@@ -40,7 +40,10 @@ POLICIES = {
     "signed": "labels(toxic=-1)",
     "rho1_signed": "rho1(k=0.6) * labels(toxic=-1)",
 }
-DEFECT_LABELS = ("wrong_carry", "noise", "toxic")
+# The normaliser Z where a policy does not use the trainer's default (per_sign for signed Φ): the signed
+# policies' negative part, divided by its own small count, outweighed learning (checked on the validation
+# split, docs/demo.md), so they divide by the same Z as their positive part.
+NORMALIZE = {"signed": "tokens", "rho1_signed": "selected"}
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,8 @@ class StudySize:
 
 
 DEFAULT_SIZE = StudySize(
-    n_clean=3000, n_train=6000, n_eval=300, hidden=128, layers=4,
-    ref_steps=500, warm_steps=150, student_steps=250, batch_tokens=3072, lr=3e-3,
+    n_clean=3000, n_train=4500, n_eval=300, hidden=128, layers=4,
+    ref_steps=500, warm_steps=200, student_steps=400, batch_tokens=2048, lr=3e-3,
 )
 QUICK_SIZE = StudySize(
     n_clean=48, n_train=96, n_eval=8, hidden=64, layers=1,
@@ -120,16 +123,18 @@ def score_once(out: Path, inputs: Path, **options) -> Path:
     from pipelines.score import ScoreConfig, score
 
     if not (out / "_manifest.json").exists():
-        score(ScoreConfig(inputs=(str(inputs),), out=str(out), device="cpu", **options))
+        score(ScoreConfig(inputs=(str(inputs),), out=str(out), **options))
     return out
 
 
-def train_once(out: Path, shards: Path, model: Path, priority: str, steps: int, seed: int, size: StudySize) -> Path:
+def train_once(out: Path, shards: Path, model: Path, priority: str, steps: int, seed: int, size: StudySize, normalize: str | None = None) -> Path:
     """Train unless `out` holds the final checkpoint of the same config; an interrupted run starts over."""
     from training.checkpoint import checkpoint_dir
     from training.train import TrainConfig, train
 
-    cfg = TrainConfig(shards=shards, model=model, out=out, priority=priority, steps=steps, seed=seed, lr=size.lr, batch_tokens=size.batch_tokens)
+    cfg = TrainConfig(
+        shards=shards, model=model, out=out, priority=priority, normalize=normalize, steps=steps, seed=seed, lr=size.lr, batch_tokens=size.batch_tokens
+    )
     final = checkpoint_dir(out, steps)
     saved = out / "config.json"
     same = saved.exists() and json.loads(saved.read_text())["config"] == {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
@@ -216,6 +221,19 @@ def mean_sd(values: list[float], scale: float, digits: int) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
+def kept_cells(row: dict) -> list[str]:
+    """The four `kept` cells: – for models outside the study's policies, `online` for online specs, else %."""
+    if "kept" not in row:
+        return ["–"] * 4
+    kept = row["kept"]
+    if kept is None:
+        return ["online"] * 4
+    return [
+        f"{100 * kept.get('clean', 0):.1f}", f"{100 * kept.get('wrong_carry', 0):.1f}", f"{100 * kept.get('noise', 0):.1f}",
+        f"{100 * kept.get('toxic', 0):.1f} ({100 * kept.get('toxic_negative', 0):.0f})",
+    ]
+
+
 def results_table(rows: list[dict]) -> str:
     """Markdown: one line per model, metrics as mean ± sd over seeds, offline kept shares in %."""
     header = (
@@ -225,17 +243,25 @@ def results_table(rows: list[dict]) -> str:
     lines = []
     for row in rows:
         runs = row["metrics"]
-        kept = row.get("kept", "–")
-        shares = [kept] * 4 if isinstance(kept, str) else ["online"] * 4 if kept is None else [
-            f"{100 * kept.get('clean', 0):.1f}", f"{100 * kept.get('wrong_carry', 0):.1f}", f"{100 * kept.get('noise', 0):.1f}",
-            f"{100 * kept.get('toxic', 0):.1f} ({100 * kept.get('toxic_negative', 0):.0f})",
-        ]
+        normalize = f" (Z: {row['normalize']})" if row.get("normalize") else ""
         lines.append(
-            f"| {row['name']} | `{row['spec']}` | {len(runs)} | {mean_sd([m['accuracy'] for m in runs], 100, 1)} | "
+            f"| {row['name']} | `{row['spec']}`{normalize} | {len(runs)} | {mean_sd([m['accuracy'] for m in runs], 100, 1)} | "
             f"{mean_sd([m['toxic_rate'] for m in runs], 100, 1)} | {mean_sd([m['well_formed'] for m in runs], 100, 1)} | "
-            f"{mean_sd([m['ppl_clean'] for m in runs], 1, 3)} | " + " | ".join(shares) + " |"
+            f"{mean_sd([m['ppl_clean'] for m in runs], 1, 3)} | " + " | ".join(kept_cells(row)) + " |"
         )
     return header + "\n".join(lines) + "\n"
+
+
+SMOOTH_STEPS = 20  # steps averaged in the training curves: micro-batches are length-bucketed, so they differ
+
+
+def moving_average(values: list[float], window: int = SMOOTH_STEPS) -> list[float]:
+    """Mean of the last `window` values at each point (fewer at the start)."""
+    sums, out = 0.0, []
+    for i, value in enumerate(values):
+        sums += value - (values[i - window] if i >= window else 0.0)
+        out.append(sums / min(i + 1, window))
+    return out
 
 
 def write_figure(path: Path, curves: dict[str, Path], histograms: dict[str, object]) -> None:
@@ -249,9 +275,9 @@ def write_figure(path: Path, curves: dict[str, Path], histograms: dict[str, obje
     for name, metrics_path in curves.items():
         rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
         steps = [r["step"] for r in rows]
-        ax_nll.plot(steps, [r["nll_positive"] for r in rows], label=name)
-        ax_sel.plot(steps, [r["selected_share"] for r in rows], label=name)
-    ax_nll.set(xlabel="optimizer step", ylabel="mean NLL of Φ > 0 tokens (nats)", yscale="log", title="students, seed 0")
+        ax_nll.plot(steps, moving_average([r["nll_positive"] for r in rows]), label=name)
+        ax_sel.plot(steps, moving_average([r["selected_share"] for r in rows]), label=name)
+    ax_nll.set(xlabel="optimizer step", ylabel="mean NLL of Φ > 0 tokens (nats)", yscale="log", title=f"students, seed 0 (mean of {SMOOTH_STEPS} steps)")
     ax_sel.set(xlabel="optimizer step", ylabel="share of targets with Φ ≠ 0", title="selected share")
     ax_nll.legend(fontsize=7)
     for name, values in histograms.items():
@@ -268,9 +294,7 @@ def write_figure(path: Path, curves: dict[str, Path], histograms: dict[str, obje
 
 
 def run_demo(cfg: DemoConfig) -> Path:
-    """Run the study into cfg.out and return the path of its Markdown report (report.md)."""
-    from pipelines.inspect import InspectConfig, inspect_shards
-
+    """Run the study into cfg.out and return the path of its Markdown report (report-{eval_split}/report.md)."""
     # ---- configuration: one run folder per study size
     problems = validate(cfg)
     if problems:
@@ -305,7 +329,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     jobs = [(name, seed) for seed in range(cfg.seeds) for name in specs]
     for name, seed in tqdm(jobs, desc="students", unit="run"):
         out = run / "students" / name / f"seed{seed}"
-        students[name, seed] = train_once(out, shards, warm, specs[name], size.student_steps, seed, size)
+        students[name, seed] = train_once(out, shards, warm, specs[name], size.student_steps, seed, size, NORMALIZE.get(name))
 
     # ---- evaluation on held-out problems
     problems_path = data[cfg.eval_split]
@@ -314,22 +338,29 @@ def run_demo(cfg: DemoConfig) -> Path:
         rows.append({"name": name, "spec": "uniform", "metrics": [evaluate_once(checkpoint, problems_path, checkpoint.parent / f"eval-{cfg.eval_split}", cfg.quick)]})
     for name, spec in specs.items():
         metrics = [evaluate_once(students[name, s], problems_path, students[name, s].parent / f"eval-{cfg.eval_split}", cfg.quick) for s in range(cfg.seeds)]
-        rows.append({"name": name, "spec": spec, "metrics": metrics, "kept": kept_shares(shards, spec)})
+        rows.append({"name": name, "spec": spec, "normalize": NORMALIZE.get(name), "metrics": metrics, "kept": kept_shares(shards, spec)})
 
     # ---- report: table, figure, heatmaps
-    report = run / "report"
+    minutes = (time.perf_counter() - started) / 60
+    title = f"tokenprio demo: {cfg.seeds} seed(s), evaluated on {cfg.eval_split} ({size.n_eval} problems), this call {minutes:.1f} min"
+    return write_report(run / f"report-{cfg.eval_split}", run, shards, specs, rows, title)
+
+
+def write_report(report: Path, run: Path, shards: Path, specs: dict[str, str], rows: list[dict], title: str) -> Path:
+    """report.md (the table), results.json, curves_and_phi.png and heatmap_*.html in `report`; returns report.md."""
+    from pipelines.inspect import InspectConfig, inspect_shards
+
     report.mkdir(exist_ok=True)
+    (report / "results.json").write_text(json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
     histograms = {name: values for name, spec in specs.items() if (values := phi_values(shards, spec)) is not None}
     write_figure(report / "curves_and_phi.png", {name: run / "students" / name / "seed0" / "metrics.jsonl" for name in specs}, histograms)
     for name in ("highpass", "token_cleaning", "signed"):
         if name in specs:
             phi_shards = run / "shards" / f"phi_{name}"
-            resolved_spec(shards, specs[name], phi_shards)
+            resolved_spec(shards, specs[name], phi_shards)  # writes the policy's Φ into `weight` for the heatmap
             inspect_shards(InspectConfig(shards=phi_shards, html=report / f"heatmap_{name}.html", samples=12))
-    (report / "results.json").write_text(json.dumps({"eval_split": cfg.eval_split, "size": asdict(size), "rows": rows}, indent=2) + "\n")
-    minutes = (time.perf_counter() - started) / 60
     text = (
-        f"# tokenprio demo: {cfg.seeds} seed(s), evaluated on {cfg.eval_split} ({size.n_eval} problems), this call {minutes:.1f} min\n\n"
+        f"# {title}\n\n"
         + results_table(rows)
         + "\nkept: share of target tokens with Φ > 0 in the noisy corpus, by defect label (offline specs; "
         "`online` specs select during training). Figure: curves_and_phi.png; token heatmaps: heatmap_*.html.\n"
