@@ -168,8 +168,6 @@ def kept_shares(shards: Path, spec: str) -> dict[str, float] | None:
 
     None for specs with online terms (Φ depends on the student during training).
     """
-    import torch
-
     from scoring.priority import evaluate_priority, parse_priority
     from scoring.shards import flat_token_columns, open_shards, read_table
 

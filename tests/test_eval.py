@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
 
 import pipelines.evaluate as evaluate_module
+from pipelines.cli import app
 from pipelines.demo_data import TOXIC_PHRASE, DemoDataConfig, build_splits, build_tokenizer, parse_answer
 from pipelines.evaluate import EvalConfig, ProblemsFileError, end_of_turn_ids, evaluate, generate_batch, response_nll, score_generation
 
@@ -145,3 +148,18 @@ def test_problems_file_errors_name_line_and_fix(tmp_path, checkpoint):
         evaluate(EvalConfig(checkpoint=ckpt, problems=bad))
     with pytest.raises(FileNotFoundError, match="config.json"):
         evaluate(EvalConfig(checkpoint=tmp_path, problems=bad))
+
+
+def test_cli_passes_the_config(monkeypatch, tmp_path):
+    received = []
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda cfg: received.append(cfg) or {"accuracy": 1.0})
+    result = CliRunner().invoke(app, ["eval", "ckpt", "--problems", "p.jsonl", "--limit", "5", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert received == [EvalConfig(checkpoint=Path("ckpt"), problems=Path("p.jsonl"), limit=5, out_dir=tmp_path)]
+    assert '"accuracy": 1.0' in result.output
+
+
+def test_cli_error_is_one_line_and_exit_code_1(tmp_path):
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--problems", str(tmp_path / "p.jsonl")])
+    assert result.exit_code == 1
+    assert "has no config.json" in result.output
