@@ -11,10 +11,13 @@ Methods, each (method, round) in a fresh subprocess so its peak RSS (ru_maxrss) 
   tokenprio_uniform   `train()` with --priority uniform on the same shards (ordinary SFT)
   bare                the same micro-batches: model(...).logits over all positions, masked cross-entropy,
                       backward, gradient clipping, AdamW (batches built before the clock starts)
-  trl                 TRL's SFTTrainer on the same rows (when trl is installed; imported lazily)
+  trl                 TRL's SFTTrainer on the same rows, in their order, completion-only loss, its default loss
+                      (chunked NLL), gradient checkpointing off (when trl is installed; imported lazily)
 Throughput = real (unpadded) input tokens per second over the steps after the first, by wall clock and by
-process CPU time (steadier when other jobs share the cores). Then the weighted run is repeated on a corpus
-ten times larger (same steps) to compare peak RSS.
+process CPU time (steadier when other jobs share the cores). Then the three steps alternate batch by batch
+in one process, and the weighted run is repeated on a corpus ten times larger (same steps) for peak RSS.
+`--threads` defaults to 1: with 2 threads on cores other jobs also use, every small elementwise op of the
+transformer waits at an OpenMP barrier for a descheduled thread, which inflates the body of all methods alike.
 """
 
 from __future__ import annotations
@@ -188,7 +191,7 @@ def run_trl(shards: Path, model_dir: Path, work: Path, steps: int, batch_tokens:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = SFTConfig(output_dir=str(work / "trl"), max_steps=1 + steps, per_device_train_batch_size=per_batch, learning_rate=3e-4,
                        logging_steps=1000, save_strategy="no", report_to=[], completion_only_loss=True, max_length=1024,
-                       use_cpu=True, dataloader_num_workers=0, shuffle_dataset=False)
+                       use_cpu=True, dataloader_num_workers=0, shuffle_dataset=False, gradient_checkpointing=False)
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict(rows), processing_class=tokenizer, callbacks=[Clock()])
     trainer.train()
     n_steps = len(times) - 1
@@ -255,10 +258,10 @@ def run_alternating_steps(shards: Path, model_dir: Path, steps: int, batch_token
     return {"seconds": seconds, "tokens": [mb.targets.numel() for mb in batches] * repeats}
 
 
-def worker(method: str, work: Path, shards_name: str, steps: int, batch_tokens: int) -> None:
+def worker(method: str, work: Path, shards_name: str, steps: int, batch_tokens: int, threads: int) -> None:
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     shards, model = work / shards_name, work / "student"
     if method == "alternating":
         print("RESULT " + json.dumps(run_alternating_steps(shards, model, steps, batch_tokens, repeats=3)))
@@ -282,7 +285,7 @@ def worker(method: str, work: Path, shards_name: str, steps: int, batch_tokens: 
 
 def measure(method: str, work: Path, shards_name: str, args) -> dict | None:
     command = [sys.executable, __file__, "--worker", method, "--shards-name", shards_name, "--work", str(work),
-               "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens)]
+               "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens), "--threads", str(args.threads)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -303,10 +306,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_train")
     parser.add_argument("--worker", choices=(*METHODS, "alternating"))
     parser.add_argument("--shards-name", default="signed")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1: no OpenMP barrier stalls when other jobs share the cores)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.worker:
-        worker(args.worker, args.work, args.shards_name, args.steps, args.batch_tokens)
+        worker(args.worker, args.work, args.shards_name, args.steps, args.batch_tokens, args.threads)
         return
 
     # ---- data and model (cached in --work)
@@ -334,7 +338,7 @@ def main() -> None:
                 results[method].append(result)
     # ---- one process alternating the three steps batch by batch (steadier ratios on a loaded machine)
     command = [sys.executable, __file__, "--worker", "alternating", "--shards-name", "signed", "--work", str(args.work),
-               "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens)]
+               "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens), "--threads", str(args.threads)]
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     lines = [line for line in finished.stdout.splitlines() if line.startswith("RESULT ")]
     alternating = json.loads(lines[-1][len("RESULT ") :]) if lines else None
@@ -347,7 +351,7 @@ def main() -> None:
         return statistics.median(r[key] for r in runs[method])
 
     done = [m for m in methods if results[m]]
-    print(f"\nmedian over {args.rounds} rounds (load average {os.getloadavg()[0]:.1f}):")
+    print(f"\nmedian over {args.rounds} rounds, {args.threads} thread(s) per process (load average {os.getloadavg()[0]:.1f}):")
     print(f"  {'method':20s} {'tokens/s':>9s} {'tokens/CPU-s':>13s} {'peak RSS MiB':>13s}")
     for m in done:
         print(f"  {m:20s} {median(m, 'tokens_per_s'):9.0f} {median(m, 'tokens_per_cpu_s'):13.0f} {median(m, 'peak_rss_mib'):13.0f}")
