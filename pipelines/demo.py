@@ -17,6 +17,7 @@ The study (DESIGN "The study"), in-process, each stage skipped when its output i
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipelines.demo_data import DemoDataConfig, build_tokenizer, generate
+from pipelines.demo_data import DemoDataConfig, build_tokenizer, column_steps, generate, operands
 from pipelines.evaluate import EvalConfig, evaluate
 
 # The study's policies: name → Φ spec (docs/priority.md). Hyperparameters are the papers' defaults
@@ -145,9 +146,37 @@ def train_once(out: Path, shards: Path, model: Path, priority: str, steps: int, 
 
 
 def evaluate_once(checkpoint: Path, problems: Path, out: Path, quick: bool) -> dict:
+    """Evaluation metrics (pipelines/evaluate.py) plus the share of dropped carries (`carry_dropped`)."""
     if (out / "eval.json").exists():
-        return json.loads((out / "eval.json").read_text())["metrics"]
-    return evaluate(EvalConfig(checkpoint=checkpoint, problems=problems, out_dir=out, max_new_tokens=24 if quick else 160))
+        metrics = json.loads((out / "eval.json").read_text())["metrics"]
+    else:
+        metrics = evaluate(EvalConfig(checkpoint=checkpoint, problems=problems, out_dir=out, max_new_tokens=24 if quick else 160))
+    return metrics | {"carry_dropped": carry_dropped_share(out / "generations.jsonl", problems)}
+
+
+def carry_dropped_share(generations: Path, problems: Path) -> float | None:
+    """How often a model applies the corpus's wrong rule: dropped / (dropped + carried) carries.
+
+    Over the held-out problems where a column before the last sums to exactly 10, the generated line of
+    the next column is read: `d+d+0` drops the carry, `d+d+1` keeps it; other lines do not count. None
+    when no such line could be read (a fragmented model).
+    """
+    outcomes = {json.loads(line)["id"]: json.loads(line)["generation"] for line in generations.read_text().splitlines()}
+    dropped = carried = 0
+    for line in problems.read_text().splitlines():
+        record = json.loads(line)
+        a, b = operands(record["messages"][0]["content"])
+        digits = len(str(a))
+        exposed = column_steps(a, b, digits, drop_carry_at_ten=True)[1]
+        if not exposed:
+            continue
+        column = exposed[0]
+        steps = [s for s in outcomes[record["id"]].split("\n") if re.fullmatch(r"\d\+\d\+\d=\d+", s)]
+        if len(steps) > column:
+            head = f"{(a // 10**column) % 10}+{(b // 10**column) % 10}+"
+            dropped += steps[column].startswith(head + "0")
+            carried += steps[column].startswith(head + "1")
+    return dropped / (dropped + carried) if dropped + carried else None
 
 
 def resolved_spec(shards: Path, spec: str, out: Path) -> str:
@@ -219,6 +248,14 @@ def mean_sd(values: list[float], scale: float, digits: int) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
+def dropped_cell(runs: list[dict]) -> str:
+    """carry_dropped as mean ± sd over the seeds where it could be read, with their count when some could not."""
+    values = [m["carry_dropped"] for m in runs if m.get("carry_dropped") is not None]
+    if not values:
+        return "n/a"
+    return mean_sd(values, 100, 0) + (f" ({len(values)} of {len(runs)})" if len(values) < len(runs) else "")
+
+
 def kept_cells(row: dict) -> list[str]:
     """The four `kept` cells: – for models outside the study's policies, `online` for online specs, else %."""
     if "kept" not in row:
@@ -235,8 +272,8 @@ def kept_cells(row: dict) -> list[str]:
 def results_table(rows: list[dict]) -> str:
     """Markdown: one line per model, metrics as mean ± sd over seeds, offline kept shares in %."""
     header = (
-        "| model | Φ spec | seeds | accuracy % | toxic rate % | well-formed % | ppl (clean) | kept: clean % | kept: wrong carry % | kept: noise % | kept: toxic % (Φ<0 %) |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        "| model | Φ spec | seeds | accuracy % | toxic rate % | well-formed % | ppl (clean) | carry dropped % | kept: clean % | kept: wrong carry % | kept: noise % | kept: toxic % (Φ<0 %) |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
     )
     lines = []
     for row in rows:
@@ -245,7 +282,7 @@ def results_table(rows: list[dict]) -> str:
         lines.append(
             f"| {row['name']} | `{row['spec']}`{normalize} | {len(runs)} | {mean_sd([m['accuracy'] for m in runs], 100, 1)} | "
             f"{mean_sd([m['toxic_rate'] for m in runs], 100, 1)} | {mean_sd([m['well_formed'] for m in runs], 100, 1)} | "
-            f"{mean_sd([m['ppl_clean'] for m in runs], 1, 3)} | " + " | ".join(kept_cells(row)) + " |"
+            f"{mean_sd([m['ppl_clean'] for m in runs], 1, 3)} | {dropped_cell(runs)} | " + " | ".join(kept_cells(row)) + " |"
         )
     return header + "\n".join(lines) + "\n"
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,6 +133,14 @@ def render_response(a: int, b: int, digits: int, drop_carry_at_ten: bool) -> tup
         answer_digits.append(1)
     stated = int("".join(str(d) for d in reversed(answer_digits)))
     return text + f"{ANSWER_PREFIX}{stated}", stated, wrong_spans
+
+
+def operands(prompt: str) -> tuple[int, int]:
+    """The two operands of a prompt written in any of PROMPT_STYLES."""
+    numbers = re.findall(r"\d+", prompt)
+    if len(numbers) != 2:
+        raise ValueError(f"prompt {prompt!r} does not hold exactly two operands")
+    return int(numbers[0]), int(numbers[1])
 
 
 def parse_answer(text: str) -> int | None:

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import pipelines.demo as demo_module
 from pipelines.cli import app
-from pipelines.demo import POLICIES, DemoConfig, run_demo
+from pipelines.demo import POLICIES, DemoConfig, carry_dropped_share, run_demo
 
 
 def test_quick_study_end_to_end(tmp_path):
@@ -20,7 +20,7 @@ def test_quick_study_end_to_end(tmp_path):
     report = run_demo(DemoConfig(out=tmp_path / "run", quick=True))
     lines = [line for line in report.read_text().splitlines() if line.startswith("| ")]
     assert len(lines) == 2 + 2 + len(POLICIES)  # header, separator, reference, warm start, students
-    assert all(line.count(" | ") == 10 for line in lines)
+    assert all(line.count(" | ") == 11 for line in lines)
     assert [line.split(" | ")[0][2:] for line in lines[2:]] == ["reference (clean data)", "warm start", *POLICIES]
 
     results = json.loads((report.parent / "results.json").read_text())
@@ -31,6 +31,7 @@ def test_quick_study_end_to_end(tmp_path):
         for key in ("accuracy", "toxic_rate", "well_formed"):
             assert 0.0 <= metrics[key] <= 1.0
         assert 1.0 <= metrics["ppl_clean"] < 1e4
+        assert metrics["carry_dropped"] is None or 0.0 <= metrics["carry_dropped"] <= 1.0
     # Token Cleaning trains with a literal threshold resolved over the corpus.
     assert "threshold=" in rows["token_cleaning"]["spec"]
     # Offline Φ by defect label: uniform keeps everything, signed negates exactly the toxic tokens.
@@ -55,3 +56,23 @@ def test_cli_refuses_unknown_policy(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path), "--policies", "uniform,magic"])
     assert result.exit_code == 1
     assert "--policies uniform,magic: choose among uniform, highpass" in result.output
+
+
+def test_carry_dropped_share_by_hand(tmp_path):
+    """Exposed problems only (a column before the last sums to 10); lines that are neither +0 nor +1 do not count."""
+    prompts = {"p1": "What is 459+351?", "p2": "Quick, 128+461?", "p3": "Add 731 and 149.", "p4": "Compute 105+205."}
+    # p1: 9+1=10 in the ones, so the tens line carries 1 (5+5+1); p2 has no column summing to 10;
+    # p3: 1+9=10, tens 3+4; p4: 5+5=10, tens 0+0.
+    generations = {
+        "p1": "Sure\n9+1+0=10\n5+5+0=10\n4+3+0=7\nAnswer: 700",  # dropped
+        "p2": "Sure\n8+1+0=9\n2+6+0=8\n1+4+0=5\nAnswer: 589",  # not exposed
+        "p3": "Sure\n1+9+0=10\n3+4+1=8\n7+1+0=8\nAnswer: 880",  # carried
+        "p4": "Sure\n5+5+0=10\nbroken",  # no line for the tens column
+    }
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"id": i, "messages": [{"role": "user", "content": p}]}) + "\n" for i, p in prompts.items()))
+    outcomes = tmp_path / "generations.jsonl"
+    outcomes.write_text("".join(json.dumps({"id": i, "generation": g}) + "\n" for i, g in generations.items()))
+    assert carry_dropped_share(outcomes, problems) == 0.5
+    outcomes.write_text("".join(json.dumps({"id": i, "generation": "x"}) + "\n" for i in prompts))
+    assert carry_dropped_share(outcomes, problems) is None

@@ -21,6 +21,7 @@ from pipelines.demo_data import (
     build_tokenizer,
     column_steps,
     generate,
+    operands,
     parse_answer,
     render_response,
 )
@@ -29,9 +30,7 @@ SMALL = dict(n_clean=50, n_train=3000, n_valid=30, n_test=40)
 
 
 def problem_of(record) -> tuple[int, int]:
-    prompt = record["messages"][0]["content"]
-    digits = "".join(c if c.isdigit() else " " for c in prompt).split()
-    return int(digits[0]), int(digits[1])
+    return operands(record["messages"][0]["content"])
 
 
 def strip_spans(content: str, spans: list[dict]) -> str:
@@ -118,6 +117,12 @@ def test_spans_point_exactly_at_the_defects():
         expected, stated, _ = render_response(a, b, cfg.digits, drop)
         assert strip_spans(content, [s for s in record["spans"] if s["label"] != "wrong_carry"]) == expected
         assert record["stated"] == stated and (stated == a + b) != drop
+
+
+def test_operands_of_every_prompt_style():
+    assert [operands(style.format(a=305, b=97)) for style in PROMPT_STYLES] == [(305, 97)] * len(PROMPT_STYLES)
+    with pytest.raises(ValueError, match="two operands"):
+        operands("What is 1+2+3?")
 
 
 def test_validate_names_the_field():
