@@ -110,7 +110,7 @@ def inspect_command(
     tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer folder to decode tokens (default: slices of the stored text).")] = None,
 ) -> None:
     """Summarise a shard folder: tokens, Φ distribution, labels, per-model NLL; optionally HTML and PNG views."""
-    from pipelines.inspect import InspectConfig, format_summary, inspect_shards
+    from pipelines.inspect_shards import InspectConfig, format_summary, inspect_shards
 
     cfg = InspectConfig(shards=shards, html=html, png=png, samples=samples, tokenizer=tokenizer)
     try:
@@ -206,3 +206,6 @@ def demo(
     except (ValueError, FileNotFoundError) as error:
         fail(error)
 
+
+if __name__ == "__main__":
+    app()

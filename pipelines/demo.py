@@ -383,7 +383,7 @@ def run_demo(cfg: DemoConfig) -> Path:
 
 def write_report(report: Path, run: Path, shards: Path, specs: dict[str, str], rows: list[dict], title: str) -> Path:
     """report.md (the table), results.json, curves_and_phi.png and heatmap_*.html in `report`; returns report.md."""
-    from pipelines.inspect import InspectConfig, inspect_shards
+    from pipelines.inspect_shards import InspectConfig, inspect_shards
 
     report.mkdir(exist_ok=True)
     (report / "results.json").write_text(json.dumps({"title": title, "rows": rows}, indent=2) + "\n")

@@ -17,7 +17,7 @@ from test_frames import METADATA, ROWS, write_hand_shards
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.inspect import InspectConfig, Tally, add_row_group, histogram_quantile, inspect_shards
+from pipelines.inspect_shards import InspectConfig, Tally, add_row_group, histogram_quantile, inspect_shards
 from scoring.shards import ShardError
 
 # Trainable Φ of the hand rows: a:0 [1, -1, 0.5], b:0 [0, 2], b:1 [-0.5].
