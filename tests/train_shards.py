@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from conftest import CORPUS
+
 from scoring.shards import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -17,14 +19,7 @@ from scoring.shards import (
     write_shard_file,
 )
 
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "To be, or not to be, that is the question.",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
-    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting.",
-    "def add(a, b):\n    return a + b\n",
-    "user assistant system: hello there, how are you today? I am fine, thank you!",
-]
+TEXTS = CORPUS[:6]  # the six distinct sentences the test tokenizer was trained on
 
 
 def shard_metadata(tokenizer) -> dict:
