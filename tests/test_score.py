@@ -298,3 +298,17 @@ def test_cli_scores_and_reports_errors_with_exit_code_1(corpus, tmp_path, model_
     assert result.exit_code == 1 and "no such model folder" in result.output
     result = runner.invoke(app, ["reweight", str(out), "--priority", "highpass(min_nll=", "--out", str(tmp_path / "y")])
     assert result.exit_code == 1 and "error:" in result.output
+
+
+def test_second_model_in_place_adds_columns_and_a_rerun_skips(corpus, tmp_path, model_dir, base_model_dir):
+    shards = tmp_path / "shards"
+    score(config(corpus, shards, model_dir))
+    before = pd.read_parquet(shards)
+    cfg = ScoreConfig(inputs=(str(shards),), out=str(shards), model=str(base_model_dir), prefix="base", in_place=True)
+    score(cfg)
+    after = pd.read_parquet(shards)
+    assert list(after.id) == list(before.id) and {"base_logprob", "base_entropy"} <= set(after.columns)
+    assert open_shards(shards).manifest["totals"]["rows"] == len(before)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in shards.glob("part-*.parquet")}
+    score(cfg)  # complete shards are recognised and skipped
+    assert {p.name: p.stat().st_mtime_ns for p in shards.glob("part-*.parquet")} == mtimes
