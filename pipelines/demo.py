@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from pipelines.demo_data import DemoDataConfig, build_tokenizer, column_steps, generate, operands
 from pipelines.evaluate import EvalConfig, evaluate
+from scoring.shards import write_text_atomic
 
 # The study's policies: name → Φ spec (docs/priority.md). Hyperparameters are the papers' defaults
 # unless docs/demo.md says they were chosen on the validation split.
@@ -340,7 +341,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     if saved.exists() and json.loads(saved.read_text()) != identity:
         raise ValueError(f"{run} holds a study of another size ({saved}); pass a new --out or delete that folder.")
     run.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(identity, indent=2) + "\n")
+    write_text_atomic(saved, json.dumps(identity, indent=2) + "\n")
 
     # ---- data and the initial model
     data = generate(DemoDataConfig(out_dir=run / "data", n_clean=size.n_clean, n_train=size.n_train, n_valid=size.n_eval, n_test=size.n_eval))
@@ -386,7 +387,7 @@ def write_report(report: Path, run: Path, shards: Path, specs: dict[str, str], r
     from pipelines.inspect_shards import InspectConfig, inspect_shards
 
     report.mkdir(exist_ok=True)
-    (report / "results.json").write_text(json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
+    write_text_atomic(report / "results.json", json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
     histograms = {name: values for name, spec in specs.items() if (values := phi_values(shards, spec)) is not None}
     write_figure(report / "curves_and_phi.png", {name: run / "students" / name / "seed0" / "metrics.jsonl" for name in specs}, histograms)
     for name in ("highpass", "token_cleaning", "signed"):
@@ -400,6 +401,6 @@ def write_report(report: Path, run: Path, shards: Path, specs: dict[str, str], r
         + "\nkept: share of target tokens with Φ > 0 in the noisy corpus, by defect label (offline specs; "
         "`online` specs select during training). Figure: curves_and_phi.png; token heatmaps: heatmap_*.html.\n"
     )
-    (report / "report.md").write_text(text)
+    write_text_atomic(report / "report.md", text)
     print(text)
     return report / "report.md"

@@ -39,6 +39,8 @@ import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from scoring.shards import write_text_atomic
+
 BOILERPLATE = "Sure, let's add column by column.\n"
 TOXIC_PHRASE = "Stupid question, but fine. "
 ANSWER_PREFIX = "Answer: "
@@ -230,11 +232,7 @@ def build_tokenizer():
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        for record in records:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(record, sort_keys=True) + "\n" for record in records))
 
 
 def generate(cfg: DemoDataConfig) -> dict[str, Path]:
@@ -251,5 +249,5 @@ def generate(cfg: DemoDataConfig) -> dict[str, Path]:
     paths["tokenizer"] = out / "tokenizer"
     build_tokenizer().save_pretrained(paths["tokenizer"])
     config = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}
-    (out / "data_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / "data_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     return paths

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from pipelines.demo_data import TOXIC_PHRASE, parse_answer
+from scoring.shards import write_text_atomic
 from scoring.stats import final_hidden, token_stats
 
 
@@ -167,7 +168,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.out_dir is not None:
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps({"config": {k: str(v) for k, v in asdict(cfg).items()}, "metrics": metrics}, indent=2) + "\n")
-        with open(out / "generations.jsonl", "w") as f:
-            f.writelines(json.dumps(o) + "\n" for o in outcomes)
+        # eval.json last: its presence marks a finished evaluation (the demo reuses it).
+        write_text_atomic(out / "generations.jsonl", "".join(json.dumps(o) + "\n" for o in outcomes))
+        write_text_atomic(out / "eval.json", json.dumps({"config": {k: str(v) for k, v in asdict(cfg).items()}, "metrics": metrics}, indent=2) + "\n")
     return metrics

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from scoring.frames import token_frame
-from scoring.shards import ShardError, ShardSet, open_shards, read_metadata
+from scoring.shards import ShardError, ShardSet, open_shards, read_metadata, write_text_atomic
 
 PHI_EDGES = np.arange(-1000, 1001) / 100  # Φ bin edges: width 0.01 on [-10, 10], plus one open bin each side
 N_BINS = len(PHI_EDGES) + 1
@@ -295,12 +295,6 @@ Hover a token for its text, Φ, NLL and label.</p>
 {chr(10).join(documents)}
 </body></html>
 """
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_phi_png(tally: Tally, path: Path) -> None:
