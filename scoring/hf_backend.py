@@ -40,7 +40,8 @@ def resolve_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, st
 
 def check_model_path(model: str) -> None:
     """A local path that does not exist is an error now, before anything loads."""
-    looks_local = model.startswith((".", "/", "~")) or Path(model).exists() or model.count("/") != 1
+    # Hub ids are `name` or `org/name`; anything else (absolute, relative, deeper) names a local folder.
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
     if looks_local and not Path(model).expanduser().is_dir():
         raise FileNotFoundError(
             f"--model {model}: no such model folder. Give a local Hugging Face model folder (config.json + "
