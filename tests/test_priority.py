@@ -304,6 +304,34 @@ def test_terms_exposes_arguments_for_the_trainer():
     assert parse_priority("topk").unresolved_global == ["topk(k=0.6, score=excess, scope=global, ref=ref, base=base)"]
 
 
+STUDENT_PROPERTIES = [
+    ("uniform", set(), False),
+    ("stored * highpass * topk(threshold=0.5) * labels(toxic=-1)", set(), False),
+    ("rho1", {"student_logprob"}, True),
+    ("rho1(k=0.5, scope=micro)", {"student_logprob"}, False),
+    ("stored * dft", {"student_logprob"}, False),
+    ("student_entropy(direction=down)", {"student_entropy"}, False),
+    ("warmup(rho1(scope=micro), steps=5) * student_entropy", {"student_logprob", "student_entropy"}, False),
+    ("switch(dft, rho1(k=0.6), at=10)", {"student_logprob"}, True),
+    ("rho1(k=0.3, scope=micro) * clip(rho1(k=0.5), max=1)", {"student_logprob"}, True),
+]
+
+
+@pytest.mark.parametrize("spec, student_columns, global_online", STUDENT_PROPERTIES)
+def test_student_columns_and_global_online_selection(spec, student_columns, global_online):
+    priority = parse_priority(spec)
+    assert isinstance(priority.student_columns, frozenset) and priority.student_columns == student_columns
+    assert priority.global_online_selection is global_online
+    assert priority.online == bool(student_columns)
+    # exactly these student columns are what evaluation needs
+    without = {k: v for k, v in batch().items() if not k.startswith("student_") or k in student_columns}
+    evaluate_priority(priority, without, step=3, label_names=LABEL_NAMES)
+    for column in student_columns:
+        tokens = {k: v for k, v in without.items() if k != column}
+        with pytest.raises(ValueError, match=f"needs token columns \\['{column}'\\]"):
+            evaluate_priority(priority, tokens, step=3, label_names=LABEL_NAMES)
+
+
 # ----------------------------------------------------------------------------------------------
 # Global resolution
 
