@@ -3,9 +3,11 @@
     .venv/bin/python bench/bench_score.py [--docs 256] [--rounds 3] [--batch-tokens 8192]
 
 Model: a ~20M-parameter Llama (hidden 256, 4 layers, GPT-2 vocabulary of 50,257) built locally with random
-weights; data: GSM8K questions+answers tokenised with the GPT-2 tokenizer from ../shared/data. Both methods
-score exactly the same length-sorted batches. The bare baseline is `model(...).logits` (the full (B, T, V)
-float32 tensor) followed by one log-softmax and a gather; tokenprio additionally computes the exact entropy.
+weights; data: the first --docs GSM8K training records (question + answer) of data/gsm8k/train.jsonl,
+tokenised with the GPT-2 tokenizer in data/gpt2-tokenizer/. The repository ships 2,000 GSM8K training
+records; a larger --docs reads those 2,000 (and says so). Both methods score exactly the same length-sorted
+batches. The bare baseline is `model(...).logits` (the full (B, T, V) float32 tensor) followed by one
+log-softmax and a gather; tokenprio additionally computes the exact entropy.
 
 Each (method, round) runs in a fresh subprocess so that its peak RSS (ru_maxrss) is its own; rounds alternate
 the methods to spread machine noise. Prints tokens/s, peak RSS and the ratios.
@@ -22,16 +24,25 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"  # the repository's data/ folder (see data/README.md)
+
+
+def data_path(*parts: str) -> Path:
+    """A file or folder under data/, or a clear error naming what is missing (nothing is downloaded)."""
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: the benchmarks read the data shipped in the repository's data/ folder "
+                         f"(see data/README.md); restore it with `git checkout -- data`.")
+    return path
 
 
 def build(docs: int):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(SHARED / "gpt2-tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(data_path("gpt2-tokenizer"))
     tokenizer.backend_tokenizer.no_truncation()  # this copy was saved with truncation at 50 tokens
-    lines = (SHARED / "gsm8k" / "train.jsonl").read_text().splitlines()[:docs]
+    lines = data_path("gsm8k", "train.jsonl").read_text().splitlines()[:docs]  # at most the 2,000 shipped
     windows = []
     for line in lines:
         record = json.loads(line)
@@ -85,6 +96,9 @@ def main() -> None:
         print(json.dumps(run_one(args.one, args.docs, args.batch_tokens)))
         return
 
+    shipped = len(data_path("gsm8k", "train.jsonl").read_text().splitlines())
+    if args.docs > shipped:
+        print(f"data/gsm8k/train.jsonl holds {shipped} records; scoring those ({args.docs} asked)")
     results: dict[str, list[dict]] = {"tokenprio": [], "bare": []}
     for round_index in range(args.rounds):
         for method in (("tokenprio", "bare") if round_index % 2 == 0 else ("bare", "tokenprio")):

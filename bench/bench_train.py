@@ -3,8 +3,10 @@
     .venv/bin/python bench/bench_train.py [--steps 4] [--rounds 3] [--batch-tokens 2048] [--records 2000]
 
 Model: an ~11M-parameter Llama (hidden 192, 4 layers, tied embeddings, GPT-2 vocabulary of 50,257) with
-random weights; data: GSM8K question → answer records tokenised with the GPT-2 tokenizer from ../shared/data
-by `tokenprio score --tokenizer` (unscored shards, loss on the answer), plus a copy with random signed Φ.
+random weights; data: the first --records GSM8K question → answer records of data/gsm8k/train.jsonl, tokenised
+with the GPT-2 tokenizer in data/gpt2-tokenizer/ by `tokenprio score --tokenizer` (unscored shards, loss on
+the answer), plus a copy with random signed Φ. The repository ships 2,000 GSM8K training records (the default
+--records); a larger --records reads those 2,000 (and says so).
 
 Methods, each (method, round) in a fresh subprocess so its peak RSS (ru_maxrss) is its own, alternating:
   tokenprio_weighted  `train()` with --priority stored on random signed Φ (per_sign, neg-loss clip)
@@ -34,7 +36,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"  # the repository's data/ folder (see data/README.md)
+
+
+def data_path(*parts: str) -> Path:
+    """A file or folder under data/, or a clear error naming what is missing (nothing is downloaded)."""
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: the benchmarks read the data shipped in the repository's data/ folder "
+                         f"(see data/README.md); restore it with `git checkout -- data`.")
+    return path
+
+
 METHODS = ("tokenprio_weighted", "tokenprio_uniform", "bare", "trl")
 
 
@@ -48,7 +61,7 @@ def build_model_folder(work: Path) -> Path:
     folder = work / "student"
     if (folder / "model.safetensors").exists():
         return folder
-    tokenizer = AutoTokenizer.from_pretrained(SHARED / "gpt2-tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(data_path("gpt2-tokenizer"))
     tokenizer.backend_tokenizer.no_truncation()  # this copy was saved with truncation at 50 tokens
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=192, intermediate_size=512, num_hidden_layers=4,
@@ -66,14 +79,16 @@ def build_shards(work: Path, records: int, copies: int, name: str) -> Path:
     out = work / name
     if (out / "_manifest.json").exists():
         return out
-    lines = (SHARED / "gsm8k" / "train.jsonl").read_text().splitlines()[:records]
+    lines = data_path("gsm8k", "train.jsonl").read_text().splitlines()[:records]  # at most the 2,000 shipped
+    if len(lines) < records:
+        print(f"data/gsm8k/train.jsonl holds {len(lines)} records; using those ({records} asked)")
     source = work / f"{name}.jsonl"
     with open(source, "w") as f:
         for copy in range(copies):
             for i, line in enumerate(lines):
                 record = json.loads(line)
                 f.write(json.dumps({"id": f"{copy}-{i}", "question": record["question"] + "\n", "answer": record["answer"]}) + "\n")
-    score(ScoreConfig(inputs=(str(source),), out=str(out), tokenizer=str(SHARED / "gpt2-tokenizer"),
+    score(ScoreConfig(inputs=(str(source),), out=str(out), tokenizer=str(data_path("gpt2-tokenizer")),
                       fields=FieldNames(prompt="question", completion="answer"), max_length=1024, records_per_shard=5000))
     return out
 

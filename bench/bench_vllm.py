@@ -12,8 +12,9 @@ throughput = prompt tokens / wall seconds, best of the rounds.
 
 Model: by default the test suite's tiny Llama (vocab 320, hidden 128, 2 layers, head_dim 64), where the
 forward pass is cheap and the frontend's per-token overhead decides (target: exact / generate ≥ 0.8 on
-CPU). --gpt2-vocab uses hidden 256, 4 layers and the GPT-2 vocabulary (50,257): there the output layer
-over every position costs several times the model body, which the generate baseline never pays.
+CPU). --gpt2-vocab uses hidden 256, 4 layers and the GPT-2 vocabulary (50,257; the tokenizer in
+data/gpt2-tokenizer/): there the output layer over every position costs several times the model body,
+which the generate baseline never pays.
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"  # the repository's data/ folder (see data/README.md)
+
+
+def data_path(*parts: str) -> Path:
+    """A file or folder under data/, or a clear error naming what is missing (nothing is downloaded)."""
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: the benchmarks read the data shipped in the repository's data/ folder "
+                         f"(see data/README.md); restore it with `git checkout -- data`.")
+    return path
 
 
 def save_model(folder: Path, gpt2_vocab: bool) -> None:
@@ -39,7 +49,8 @@ def save_model(folder: Path, gpt2_vocab: bool) -> None:
     if gpt2_vocab:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(SHARED / "gpt2-tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(data_path("gpt2-tokenizer"))
+        tokenizer.backend_tokenizer.no_truncation()  # this copy was saved with truncation at 50 tokens
         model = build_model(len(tokenizer), hidden_size=256, layers=4)
     else:
         tokenizer = build_tokenizer()

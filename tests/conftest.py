@@ -9,7 +9,16 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # the repository's data/ folder (see data/README.md)
+
+
+def data_path(*parts: str) -> Path:
+    """A file or folder under data/, or FileNotFoundError naming what is missing (nothing is downloaded)."""
+    path = DATA_DIR.joinpath(*parts)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the tests read the data shipped in the repository's data/ folder "
+                                f"(see data/README.md); restore it with `git checkout -- data`.")
+    return path
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
