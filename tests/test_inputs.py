@@ -24,7 +24,7 @@ from scoring.inputs import (
     split_windows,
 )
 
-GPT2_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-tokenizer"
+GPT2_DIR = Path(__file__).resolve().parents[1] / "data" / "gpt2-tokenizer"
 FIELDS = FieldNames()
 
 # One record of each kind, used by the format tests.
