@@ -8,7 +8,6 @@ arrays aligned with `input_ids`, and the temporary `.part-*.tmp` files and `_man
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +16,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from scoring.shards import (
-    MANIFEST_NAME,
-    METADATA_KEY,
     ShardError,
-    build_manifest,
     open_shards,
     row_group_slices,
     shard_schema,
     stat_columns,
     validate_table,
-    write_json_atomic,
+    with_metadata,
+    write_manifest,
     write_shard_file,
 )
 
@@ -222,9 +219,6 @@ def write_shards(df: pd.DataFrame, like: str | Path, out: str | Path) -> dict:
         part = table.slice(start, end - start)
         records = int(pc.sum(pc.equal(part.column("window"), 0)).as_py() or 0)  # each document has one window 0
         shard_info = {"index": index, "records": records}
-        part = part.replace_schema_metadata({METADATA_KEY: json.dumps(metadata | {"shard": shard_info}, sort_keys=True).encode()})
+        part = with_metadata(part, metadata | {"shard": shard_info})
         entries.append(write_shard_file(part, out, index))
-    manifest = build_manifest(entries, metadata)
-    manifest["edited_from"] = {"folder": str(source.folder), "checksum": source.manifest["checksum"]}
-    write_json_atomic(out / MANIFEST_NAME, manifest)
-    return manifest
+    return write_manifest(out, entries, metadata, edited_from={"folder": str(source.folder), "checksum": source.manifest["checksum"]})
