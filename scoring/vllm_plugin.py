@@ -1,6 +1,6 @@
 """vLLM model plugin: exact per-token log-prob and entropy computed inside the engine (vLLM 0.32 internals).
 
-vLLM has no built-in prompt entropy (research/vllm.md §3). This plugin registers, for each supported
+vLLM has no built-in prompt entropy (prompt_logprobs returns top-k log-probs only). This plugin registers, for each supported
 architecture `<Arch>ForCausalLM`, a pooling model `<Arch>ForPromptScoring`: the unchanged causal LM whose
 pooler runs the model's own output layer (`compute_logits`: lm_head, logit scale and soft-cap) in float32
 over every prompt position, in chunks, and returns per prompt of length L a float32 (L, 2) tensor

@@ -181,6 +181,19 @@ def check_offline(priority: Priority, command: str) -> None:
             )
 
 
+def parse_offline(spec: str, available_columns: set[str], command: str) -> Priority:
+    """Parse a spec that `command` (score, reweight) evaluates from stored columns alone: no online terms,
+    no schedules, no unresolved global terms (those need `tokenprio reweight`, which resolves them)."""
+    priority = parse_priority(spec, available_columns)
+    check_offline(priority, command)
+    if priority.unresolved_global:
+        raise PrioritySpecError(
+            f"--priority {spec!r}: {priority.unresolved_global} need a corpus-wide quantile; score with the default "
+            "priority, then run `tokenprio reweight SHARDS --priority SPEC --out NEW`, which resolves it."
+        )
+    return priority
+
+
 def evaluate_priority(
     priority: Priority, tokens: dict[str, torch.Tensor], *, step: int = 0, label_names: list[str] | None = None
 ) -> torch.Tensor:

@@ -366,7 +366,7 @@ def _check_columns(spec: str, root: Node, available: set[str]) -> None:
                 fix = "every shard has a weight column; check the shard folder"
             else:
                 prefix = column.rsplit("_", 1)[0]
-                fix = f"score the {prefix} model first: tokenprio score SHARDS --model {prefix.upper()} --prefix {prefix}"
+                fix = f"score the {prefix} model first: tokenprio add-model SHARDS --model {prefix.upper()} --prefix {prefix} --out NEW"
             raise spec_error(spec, node.pos, f"{node.name}(...) needs column {column!r}, which the shards lack", fix)
 
 
