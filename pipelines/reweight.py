@@ -13,17 +13,19 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipelines.score import parse_offline_priority, with_metadata, with_weights
-from scoring.priority import check_offline, parse_priority, resolve_global
+from scoring.priority import check_offline, parse_offline, parse_priority, resolve_global
 from scoring.shards import (
     MANIFEST_NAME,
     ShardSet,
-    build_manifest,
     flat_token_columns,
     open_shards,
     read_metadata,
     read_table,
-    write_json_atomic,
+    run_metadata,
+    shard_index,
+    with_metadata,
+    with_weights,
+    write_manifest,
     write_shard_file,
 )
 
@@ -35,16 +37,11 @@ class ReweightConfig:
     out: str  # new shard folder (never the source)
 
 
-def available_columns(source: ShardSet) -> set[str]:
-    return {"weight", "label"} | {f"{p}_{s}" for p in source.stat_prefixes for s in ("logprob", "entropy")}
-
-
 def resolve_spec(source: ShardSet, spec: str):
     """Parse the spec against the stored columns and resolve its global terms over the whole corpus."""
-    priority = parse_priority(spec, available_columns(source))
+    priority = parse_priority(spec, source.spec_columns)
     check_offline(priority, "reweight")  # before a pass over the corpus
     if priority.unresolved_global:
-
         label_names: list[str] = []  # one code table for the whole corpus, grown shard by shard
 
         def batches():
@@ -54,7 +51,7 @@ def resolve_spec(source: ShardSet, spec: str):
 
         shard_batches = tqdm(batches(), total=len(source.paths), desc="resolve global terms", unit="shard", file=sys.stderr)
         priority = resolve_global(priority, shard_batches, label_names=label_names)
-    return parse_offline_priority(priority.text, available_columns(source), "reweight")
+    return parse_offline(priority.text, source.spec_columns, "reweight")
 
 
 def reweight(cfg: ReweightConfig) -> dict:
@@ -72,16 +69,12 @@ def reweight(cfg: ReweightConfig) -> dict:
     # ---- one pass: Φ per shard, same rows, new weight column and spec in the metadata
     entries = []
     for path in tqdm(source.paths, desc="reweight", unit="shard", file=sys.stderr):
-        table = read_table(path)
-        metadata = read_metadata(path) | {"priority": priority.text}
-        table = with_metadata(with_weights(table, priority), metadata)
-        entries.append(write_shard_file(table, out, int(path.name[5:10])))
+        table = with_weights(read_table(path), priority)
+        entries.append(write_shard_file(with_metadata(table, read_metadata(path) | {"priority": priority.text}), out, shard_index(path)))
 
     # ---- manifest
-    metadata = read_metadata(out / entries[0]["file"])
-    metadata.pop("shard", None)
-    manifest = build_manifest(entries, metadata)
-    manifest["config"] = source.manifest.get("config", {}) | {"priority": priority.text}
-    manifest["reweighted_from"] = {"folder": str(source.folder), "checksum": source.manifest["checksum"], "spec": cfg.priority}
-    write_json_atomic(out / MANIFEST_NAME, manifest)
-    return manifest
+    return write_manifest(
+        out, entries, run_metadata(out, entries, source.metadata),
+        config=source.manifest.get("config", {}) | {"priority": priority.text},
+        reweighted_from={"folder": str(source.folder), "checksum": source.manifest["checksum"], "spec": cfg.priority},
+    )

@@ -15,16 +15,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import build_model, build_tokenizer
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from pipelines.add_model import AddModelConfig, add_model
 from pipelines.cli import app
 from pipelines.reweight import ReweightConfig, reweight
-from pipelines.score import ScoreConfig, finalize, score
+from pipelines.score import ScoreConfig, score
+from scoring.backends import ScorerConfig
 from scoring.inputs import InputError
 from scoring.priority import PrioritySpecError
-from scoring.shards import MANIFEST_NAME, ShardError, open_shards
+from scoring.shards import MANIFEST_NAME, ShardError, finalize, open_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,8 @@ def corpus(tmp_path) -> Path:
 
 
 def config(corpus, out, model_dir, **overrides) -> ScoreConfig:
-    defaults = dict(inputs=(str(corpus),), out=str(out), model=str(model_dir), max_length=24, n_context=4, records_per_shard=3, batch_tokens=64)
+    scorer = ScorerConfig(model=str(model_dir), batch_tokens=64)
+    defaults = dict(inputs=(str(corpus),), out=str(out), scorer=scorer, max_length=24, n_context=4, records_per_shard=3)
     return ScoreConfig(**(defaults | overrides))
 
 
@@ -113,6 +115,7 @@ SCORE_SCRIPT = """
 import os, signal, sys
 import pipelines.score as score_module
 from pipelines.score import ScoreConfig, score
+from scoring.backends import ScorerConfig
 real_write = score_module.write_shard_file
 def write_then_die(table, out_dir, index):
     if index == 1:  # half-write the temporary file of the second shard, then die like kill -9
@@ -121,7 +124,8 @@ def write_then_die(table, out_dir, index):
     return real_write(table, out_dir, index)
 if sys.argv[4] == "crash":
     score_module.write_shard_file = write_then_die
-score(ScoreConfig(inputs=(sys.argv[1],), out=sys.argv[2], model=sys.argv[3], max_length=24, n_context=4, records_per_shard=3, batch_tokens=64))
+score(ScoreConfig(inputs=(sys.argv[1],), out=sys.argv[2], scorer=ScorerConfig(model=sys.argv[3], batch_tokens=64), max_length=24, n_context=4,
+                  records_per_shard=3))
 """
 
 
@@ -164,36 +168,10 @@ def test_finalize_refuses_missing_tasks(corpus, tmp_path, model_dir):
         finalize(out)
 
 
-def test_second_model_adds_base_columns_over_stored_rows(corpus, tmp_path, model_dir, base_model_dir):
-    ref, both = tmp_path / "ref", tmp_path / "both"
-    score(config(corpus, ref, model_dir))
-    score(ScoreConfig(inputs=(str(ref),), out=str(both), model=str(base_model_dir), prefix="base", batch_tokens=64))
-    df_ref, df = pd.read_parquet(ref), pd.read_parquet(both)
-    assert list(df.id) == list(df_ref.id)
-    base = AutoModelForCausalLM.from_pretrained(base_model_dir).eval()
-    for row, row_ref in zip(df.itertuples(), df_ref.itertuples()):
-        np.testing.assert_array_equal(row.ref_logprob, row_ref.ref_logprob)
-        np.testing.assert_allclose(row.base_logprob[1:], float64_stats(base, list(row.input_ids))[0], atol=2e-5)
-    meta = open_shards(both).metadata
-    assert set(meta["models"]) == {"ref", "base"}
-
-
-def test_second_model_with_another_tokenizer_is_refused(corpus, tmp_path, model_dir):
-    ref = tmp_path / "ref"
-    score(config(corpus, ref, model_dir))
-    other = tmp_path / "other_model"
-    other_tokenizer = build_tokenizer(vocab_size=300)
-    build_model(len(other_tokenizer)).save_pretrained(other)
-    other_tokenizer.save_pretrained(other)
-    with pytest.raises(ShardError, match="tokenizer differs"):
-        score(ScoreConfig(inputs=(str(ref),), out=str(tmp_path / "x"), model=str(other), prefix="base"))
-    assert not (tmp_path / "x").exists()
-
-
 def test_reweight_recomputes_weights_without_a_model(corpus, tmp_path, model_dir, base_model_dir):
     ref, both, high, top = tmp_path / "ref", tmp_path / "both", tmp_path / "high", tmp_path / "top"
     score(config(corpus, ref, model_dir))
-    score(ScoreConfig(inputs=(str(ref),), out=str(both), model=str(base_model_dir), prefix="base"))
+    add_model(AddModelConfig(shards=str(ref), scorer=ScorerConfig(model=str(base_model_dir)), prefix="base", out=str(both)))
     reweight(ReweightConfig(shards=str(both), priority="highpass(min_nll=3.0)", out=str(high)))
     for row in pd.read_parquet(high).itertuples():
         expected = np.asarray(row.loss_mask) & (np.nan_to_num(-np.asarray(row.ref_logprob)) > 3.0)
@@ -223,7 +201,7 @@ def test_reweight_refuses_online_terms_and_missing_columns(corpus, tmp_path, mod
 def test_missing_model_fails_before_anything_is_written(corpus, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(FileNotFoundError, match="no such model folder"):
-        score(ScoreConfig(inputs=(str(corpus),), out=str(out), model=str(tmp_path / "nope")))
+        score(ScoreConfig(inputs=(str(corpus),), out=str(out), scorer=ScorerConfig(model=str(tmp_path / "nope"))))
     assert not out.exists()
 
 
@@ -298,17 +276,3 @@ def test_cli_scores_and_reports_errors_with_exit_code_1(corpus, tmp_path, model_
     assert result.exit_code == 1 and "no such model folder" in result.output
     result = runner.invoke(app, ["reweight", str(out), "--priority", "highpass(min_nll=", "--out", str(tmp_path / "y")])
     assert result.exit_code == 1 and "error:" in result.output
-
-
-def test_second_model_in_place_adds_columns_and_a_rerun_skips(corpus, tmp_path, model_dir, base_model_dir):
-    shards = tmp_path / "shards"
-    score(config(corpus, shards, model_dir))
-    before = pd.read_parquet(shards)
-    cfg = ScoreConfig(inputs=(str(shards),), out=str(shards), model=str(base_model_dir), prefix="base", in_place=True)
-    score(cfg)
-    after = pd.read_parquet(shards)
-    assert list(after.id) == list(before.id) and {"base_logprob", "base_entropy"} <= set(after.columns)
-    assert open_shards(shards).manifest["totals"]["rows"] == len(before)
-    mtimes = {p.name: p.stat().st_mtime_ns for p in shards.glob("part-*.parquet")}
-    score(cfg)  # complete shards are recognised and skipped
-    assert {p.name: p.stat().st_mtime_ns for p in shards.glob("part-*.parquet")} == mtimes

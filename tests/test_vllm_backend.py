@@ -19,7 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 import scoring.vllm_backend as vllm_backend
-from pipelines.score import ScoreConfig, VllmOptions, score
+from pipelines.score import ScoreConfig, score
+from scoring.backends import ScorerConfig
 from scoring.vllm_backend import TOPK, close_vllm_engine, load_vllm_engine, score_windows_vllm, topk_entropy, validate_engine_options, vllm_model_info
 
 MAX_MODEL_LEN = 500  # tokens per window; below the model's 512 positions, as top-k mode needs one more
@@ -109,15 +110,15 @@ def test_topk_entropy_is_an_upper_bound_that_is_exact_for_flat_tails():
 def test_engine_options_are_validated_together():
     problems = validate_engine_options(entropy="approx", dtype="int8", max_model_len=1, tensor_parallel_size=0, gpu_memory_utilization=1.5)
     assert len(problems) == 5
-    assert "--entropy exact or --entropy topk" in problems[0] and "--dtype bfloat16" in problems[1]
+    assert "--vllm-entropy exact or --vllm-entropy topk" in problems[0] and "--dtype bfloat16" in problems[1]
     with pytest.raises(ValueError, match="max_model_len 1"):
-        load_vllm_engine("unused", dtype="auto", max_model_len=1, tensor_parallel_size=1, gpu_memory_utilization=0.5, entropy="exact", seed=0)
+        load_vllm_engine("unused", dtype="float32", max_model_len=1, tensor_parallel_size=1, gpu_memory_utilization=0.5, entropy="exact", seed=0)
 
 
 def test_exact_entropy_refuses_an_unsupported_architecture(tmp_path):
     GPT2Config(n_layer=1, n_embd=64, n_head=1, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"lists \['GPT2LMHeadModel'\]. Pass --entropy topk"):
-        load_vllm_engine(str(tmp_path), dtype="auto", max_model_len=64, tensor_parallel_size=1, gpu_memory_utilization=0.5, entropy="exact", seed=0)
+    with pytest.raises(ValueError, match=r"lists \['GPT2LMHeadModel'\]. Pass --vllm-entropy topk"):
+        load_vllm_engine(str(tmp_path), dtype="float32", max_model_len=64, tensor_parallel_size=1, gpu_memory_utilization=0.5, entropy="exact", seed=0)
 
 
 # ---- exact engine: backend-level parity ---------------------------------------------------------
@@ -172,19 +173,21 @@ RECORDS = [
 ]
 
 
-def test_score_pipeline_shards_agree_between_hf_and_vllm(exact_engine, reference_model, model_dir, tmp_path, monkeypatch):
+def test_score_pipeline_shards_agree_between_hf_and_vllm_with_default_options(exact_engine, reference_model, model_dir, tmp_path, monkeypatch):
+    """Default options on both backends (dtype auto: float32 on this CPU for both) give the same shards."""
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
 
     def session_engine(model, *, dtype, max_model_len, tensor_parallel_size, gpu_memory_utilization, entropy, seed, revision, trust_remote_code):
         # The pipeline's engine request, served by the session engine (one engine per test session).
-        assert (model, entropy, tensor_parallel_size) == (str(model_dir), "exact", 1) and max_model_len <= MAX_MODEL_LEN
+        assert (model, dtype, entropy, tensor_parallel_size) == (str(model_dir), "float32", "exact", 1) and max_model_len <= MAX_MODEL_LEN
         return exact_engine
 
     monkeypatch.setattr(vllm_backend, "load_vllm_engine", session_engine)
-    common = dict(inputs=(str(corpus),), model=str(model_dir), max_length=24, n_context=4, records_per_shard=2, batch_tokens=64)
-    score(ScoreConfig(out=str(tmp_path / "hf"), backend="hf", **common))
-    score(ScoreConfig(out=str(tmp_path / "vllm"), backend="vllm", vllm=VllmOptions(entropy="exact"), **common))
+    monkeypatch.setattr(vllm_backend, "close_vllm_engine", lambda engine: None)  # the session engine outlives this test
+    common = dict(inputs=(str(corpus),), max_length=24, n_context=4, records_per_shard=2)
+    score(ScoreConfig(out=str(tmp_path / "hf"), scorer=ScorerConfig(model=str(model_dir), backend="hf"), **common))
+    score(ScoreConfig(out=str(tmp_path / "vllm"), scorer=ScorerConfig(model=str(model_dir), backend="vllm"), **common))
     hf, vl = pd.read_parquet(tmp_path / "hf"), pd.read_parquet(tmp_path / "vllm")
 
     assert list(vl.id) == list(hf.id) and set(vl.doc_id) == {r["id"] for r in RECORDS}
@@ -202,6 +205,9 @@ def test_score_pipeline_shards_agree_between_hf_and_vllm(exact_engine, reference
         np.testing.assert_allclose(a.ref_entropy[1:], ref_entropy[1:], atol=TOLERANCE, rtol=0)
     meta = json.loads(pq.read_schema(tmp_path / "vllm" / "part-00000.parquet").metadata[b"tokenprio"])
     assert meta["models"]["ref"]["backend"] == "vllm" and meta["models"]["ref"]["entropy"] == "exact"
+    assert meta["models"]["ref"]["dtype"] == "float32"
+    hf_meta = json.loads(pq.read_schema(tmp_path / "hf" / "part-00000.parquet").metadata[b"tokenprio"])
+    assert hf_meta["models"]["ref"]["dtype"] == "float32"
 
 
 # ---- top-k mode: a second engine (generate runner) -----------------------------------------------
