@@ -144,7 +144,7 @@ def run_tokenprio(shards: Path, model: Path, out: Path, priority: str, steps: in
     for name, n in (("short", 1), ("long", 1 + steps)):
         shutil.rmtree(out / name, ignore_errors=True)
         started = time.process_time()
-        train(TrainConfig(shards=shards, model=model, out=out / name, priority=priority, steps=n, batch_tokens=batch_tokens, dtype="fp32"))
+        train(TrainConfig(shards=shards, model=model, out=out / name, priority=priority, steps=n, batch_tokens=batch_tokens, dtype="float32"))
         cpu.append(time.process_time() - started)
     rows = [json.loads(line) for line in (out / "long" / "metrics.jsonl").read_text().splitlines()][1:]
     return {"tokens": sum(r["input_tokens"] for r in rows), "seconds": sum(r["step_seconds"] for r in rows), "cpu_seconds": cpu[1] - cpu[0]}
@@ -244,7 +244,7 @@ def run_alternating_steps(shards: Path, model_dir: Path, steps: int, batch_token
                                 with_entropy=False, label_names=[], device=torch.device("cpu"))
         core = StudentLoss(models[name], chunk_rows, None, neg_loss="clip", clip_nats=math.log(vocab))
         result = accumulate_step(core, core, [mb], settings, 0, one)
-        apply_update(models[name], optimizers[name], normalizer(result["counts"], settings.normalize), 1.0, one, print, 0)
+        apply_update(models[name], optimizers[name], normalizer(result.counts, settings.normalize), 1.0, one, print, 0)
         optimizers[name].zero_grad(set_to_none=True)
 
     def bare_step(mb) -> None:

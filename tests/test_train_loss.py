@@ -17,7 +17,7 @@ from training.data import epoch_windows, iter_epoch, make_micro_batch, read_grou
 from training.distributed import Dist
 from training.head import fused_weighted_head
 from training.loss import normalizer, token_terms
-from training.step import StepSettings, StudentLoss, accumulate_step, global_priority
+from training.step import StepSettings, StudentLoss, accumulate_step, global_priority, needs_prepass
 
 ONE = Dist(rank=0, world_size=1, local_rank=0)
 COLUMNS = ["label", "ref_logprob", "ref_entropy", "weight"]
@@ -46,9 +46,8 @@ def fresh_model(tokenizer, seed=1):
 
 def settings_for(spec, normalize, label_names, neg_loss="none", clip_nats=1e9, ramp=0, prepass=None):
     priority = parse_priority(spec)
-    global_rho1 = any(a["scope"] == "global" for a in priority.terms("rho1"))
     settings = StepSettings(priority=priority, normalize=normalize, neg_ramp_steps=ramp,
-                            prepass=priority.online and (global_rho1 or normalize == "per_sign") if prepass is None else prepass,
+                            prepass=needs_prepass(priority, normalize) if prepass is None else prepass,
                             with_entropy=False, label_names=label_names, device=torch.device("cpu"))
     return settings, {"neg_loss": neg_loss, "clip_nats": clip_nats}
 
@@ -59,8 +58,8 @@ def our_gradient(model, mbs, settings_and_loss, step=0):
     model.zero_grad(set_to_none=True)
     core = StudentLoss(model, chunk_rows=7, autocast_dtype=None, **loss)
     result = accumulate_step(core, core, mbs, settings, step, ONE)
-    z = normalizer(result["counts"], settings.normalize)
-    return {n: p.grad.detach().clone() / z for n, p in model.named_parameters()}, result["sums"][0].item() / z
+    z = normalizer(result.counts, settings.normalize)
+    return {n: p.grad.detach().clone() / z for n, p in model.named_parameters()}, result.loss_sum / z
 
 
 def reference_terms(model64, mbs):
@@ -293,8 +292,7 @@ def test_negative_phi_raises_negative_nll_and_lowers_positive_nll(tmp_path, toke
         history = []
         for step in range(6):
             result = accumulate_step(core, core, mbs, settings, step, ONE)
-            sums = result["sums"]
-            history.append((sums[1] / sums[2], sums[3] / sums[4]))
+            history.append((result.nll_positive_sum / result.counts.positive, result.nll_negative_sum / result.counts.negative))
             optimizer.step()
             optimizer.zero_grad()
         assert all(np.isfinite(history).ravel()), (neg_loss, history)
@@ -327,5 +325,5 @@ def test_rho1_micro_scope_selects_per_micro_batch(shards, tokenizer, label_names
     settings, loss = settings_for("rho1(k=0.37, scope=micro)", "selected", label_names)
     assert not settings.prepass
     core = StudentLoss(model, chunk_rows=7, autocast_dtype=None, **loss)
-    counts = accumulate_step(core, core, mbs, settings, 0, ONE)["counts"]
-    assert int(counts[1]) == sum(math.ceil(0.37 * int(mb.tokens["loss_mask"].sum())) for mb in mbs)
+    counts = accumulate_step(core, core, mbs, settings, 0, ONE).counts
+    assert int(counts.selected) == sum(math.ceil(0.37 * int(mb.tokens["loss_mask"].sum())) for mb in mbs)

@@ -1,6 +1,6 @@
 """Streaming shards into length-bucketed micro-batches, in an order that is a pure function of (seed, epoch, manifest).
 
-The order (DESIGN "Data order, distribution and resume"):
+The order (docs/design.md "Data order, distribution and resume"):
 
     1. permute the corpus's row groups with rng(seed, epoch);
     2. take windows of `window_groups` consecutive groups of that permutation;

@@ -1,4 +1,4 @@
-"""The weighted token loss L = Σ_t Φ_t·ℓ_t / Z and its normalisers (DESIGN "Loss, normalisation and the output head").
+"""The weighted token loss L = Σ_t Φ_t·ℓ_t / Z and its normalisers (docs/design.md "Loss, normalisation and the output head").
 
 Each micro-batch contributes the unnormalised Σ_t w_t·f(ℓ_t) with w = Φ detached; the trainer divides the
 summed gradients by the global Z once per optimizer step. f is the identity for Φ > 0; for Φ < 0 (gradient
@@ -20,27 +20,51 @@ any negative ramp:
 from __future__ import annotations
 
 import math
+from dataclasses import astuple, dataclass
 
 import torch
 
 NEG_LOSSES = ("clip", "unlikelihood", "none")
 NORMALIZERS = ("tokens", "selected", "abs_weight", "per_sign")
 UNLIKELIHOOD_MAX_P = 1.0 - 1e-6
-# Order of the entries of `normalizer_counts`.
-COUNT_NAMES = ("tokens", "selected", "abs_weight", "positive", "negative")
 
 
-def normalizer_counts(phi: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """(5,) float64: loss_mask tokens, Φ ≠ 0 tokens, Σ|Φ|, Φ > 0 tokens, Φ < 0 tokens (sum these over the global batch)."""
-    phi = phi.double()
-    return torch.stack([loss_mask.sum().double(), (phi != 0).sum().double(), phi.abs().sum(), (phi > 0).sum().double(), (phi < 0).sum().double()])
+@dataclass(frozen=True)
+class TokenCounts:
+    """Counts over the trainable tokens of a batch, from Φ before any ramp; they add over micro-batches and ranks."""
+
+    tokens: float  # loss_mask tokens: Z of `tokens`
+    selected: float  # tokens with Φ ≠ 0: Z of `selected`
+    abs_weight: float  # Σ|Φ|: Z of `abs_weight`
+    positive: float  # tokens with Φ > 0
+    negative: float  # tokens with Φ < 0
+
+    @classmethod
+    def of(cls, phi_targets: torch.Tensor) -> TokenCounts:
+        """Counts of Φ over every loss_mask token of a batch (Φ is 0 elsewhere)."""
+        phi = phi_targets.double()
+        return cls(float(phi.numel()), float((phi != 0).sum()), float(phi.abs().sum()), float((phi > 0).sum()), float((phi < 0).sum()))
+
+    def __add__(self, other: TokenCounts) -> TokenCounts:
+        return TokenCounts(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+    def to_tensor(self) -> torch.Tensor:
+        """(5,) float64, for summing over ranks (float64 counts stay exact)."""
+        return torch.tensor(astuple(self), dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, values: torch.Tensor) -> TokenCounts:
+        return cls(*values.tolist())
 
 
-def normalizer(counts: torch.Tensor, normalize: str) -> float:
+ZERO_COUNTS = TokenCounts(0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def normalizer(counts: TokenCounts, normalize: str) -> float:
     """Z from the global counts; 1 for per_sign (its counts are folded into the weights, see sign_weights)."""
     if normalize == "per_sign":
-        return 1.0 if counts[3] + counts[4] > 0 else 0.0
-    return float(counts[COUNT_NAMES.index(normalize)])
+        return 1.0 if counts.positive + counts.negative > 0 else 0.0
+    return getattr(counts, normalize)
 
 
 def ramp_negative(phi: torch.Tensor, step: int, ramp_steps: int) -> torch.Tensor:
@@ -51,9 +75,9 @@ def ramp_negative(phi: torch.Tensor, step: int, ramp_steps: int) -> torch.Tensor
     return torch.where(phi < 0, phi * scale, phi)
 
 
-def sign_weights(phi: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def sign_weights(phi: torch.Tensor, counts: TokenCounts) -> torch.Tensor:
     """per_sign: Φ/N₊ on positive tokens and Φ/N₋ on negative ones (global counts)."""
-    positive, negative = max(float(counts[3]), 1.0), max(float(counts[4]), 1.0)
+    positive, negative = max(counts.positive, 1.0), max(counts.negative, 1.0)
     return torch.where(phi > 0, phi / positive, phi / negative)
 
 

@@ -1,12 +1,14 @@
 """One optimizer step's gradient: Φ for every micro-batch, then Σ w·f(ℓ) backpropagated per micro-batch.
 
 After `accumulate_step` returns, the parameters' .grad hold Σ over the global batch of w·∇f(ℓ) (averaged over
-ranks by DDP) and the caller scales them by W / Z (loss.normalizer) before clipping.
+ranks by DDP) and the caller scales them by W / Z (loss.normalizer) before clipping; the returned
+`StepResult` names the step's sums and counts.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +19,17 @@ from scoring.stats import final_hidden, token_stats
 from training.data import MicroBatch
 from training.distributed import Dist, all_gather_flat, all_reduce_sum
 from training.head import fused_weighted_head
-from training.loss import normalizer_counts, ramp_negative, sign_weights
+from training.loss import ZERO_COUNTS, TokenCounts, ramp_negative, sign_weights
+
+
+@dataclass(frozen=True)
+class HeadOutput:
+    """What the student's forward pass returns for the chosen positions."""
+
+    loss_sum: torch.Tensor  # scalar Σ w·f(ℓ), differentiable
+    logprob: torch.Tensor  # (n,) float32 log p_student, detached
+    clipped: torch.Tensor  # (n,) bool: negative tokens past the clip
+    phi: torch.Tensor  # (n,) float32 Φ before ramp and per-sign division (given, or computed from the student)
 
 
 class StudentLoss(nn.Module):
@@ -45,18 +57,21 @@ class StudentLoss(nn.Module):
         picked = self.picked_hidden(input_ids, attention_mask, hidden_index)
         return token_stats(self.model, picked, targets, chunk_rows=self.chunk_rows, with_entropy=with_entropy)
 
-    def forward(self, input_ids, attention_mask, hidden_index, targets, weight=None, weight_fn=None, with_entropy: bool = False):
-        """(loss_sum, logprob, clipped, weight). Pass the (n,) weights, or weight_fn(logprob, entropy) → weights
-        when they depend on the student (one extra no-grad pass of the output layer)."""
+    def forward(self, input_ids, attention_mask, hidden_index, targets, *, loss_weights: Callable, phi=None, phi_fn=None,
+                with_entropy: bool = False) -> HeadOutput:
+        """The weighted loss at the chosen positions. Φ is given (`phi`, (n,)), or `phi_fn(logprob, entropy)` computes it
+        from the student (one extra no-grad pass of the output layer, inside this forward so DDP sees one pass);
+        `loss_weights(phi)` turns Φ into the loss weights w (negative ramp, per-sign division)."""
         picked = self.picked_hidden(input_ids, attention_mask, hidden_index)
-        if weight is None:
+        if phi is None:
             with torch.no_grad():
                 logprob, entropy = token_stats(self.model, picked.detach(), targets, chunk_rows=self.chunk_rows, with_entropy=with_entropy)
-            weight = weight_fn(logprob, entropy)
+            phi = phi_fn(logprob, entropy)
         loss, logprob, clipped = fused_weighted_head(
-            self.model.get_output_embeddings(), picked, targets, weight, neg_loss=self.neg_loss, clip_nats=self.clip_nats, chunk_rows=self.chunk_rows
+            self.model.get_output_embeddings(), picked, targets, loss_weights(phi), neg_loss=self.neg_loss, clip_nats=self.clip_nats,
+            chunk_rows=self.chunk_rows,
         )
-        return loss, logprob, clipped, weight
+        return HeadOutput(loss_sum=loss, logprob=logprob, clipped=clipped, phi=phi)
 
 
 @dataclass(frozen=True)
@@ -64,10 +79,16 @@ class StepSettings:
     priority: Priority
     normalize: str  # tokens | selected | abs_weight | per_sign
     neg_ramp_steps: int
-    prepass: bool  # Φ needs the student before the gradient pass (global rho1, or per_sign with online Φ)
-    with_entropy: bool  # the spec reads student_entropy
+    prepass: bool  # online Φ needs the whole step before the gradient pass (global rho1, or per_sign)
+    with_entropy: bool  # the spec reads the student's entropy
     label_names: list[str]
     device: torch.device
+
+
+def needs_prepass(priority: Priority, normalize: str) -> bool:
+    """Online Φ of a micro-batch depends on the whole step when rho1 selects over the global batch, or when
+    per_sign needs the step's counts of each sign before the first backward: then a no-grad pre-pass runs."""
+    return priority.online and (priority.global_online_selection or normalize == "per_sign")
 
 
 def on_device(mb: MicroBatch, positions: torch.Tensor, device: torch.device) -> tuple:
@@ -136,57 +157,63 @@ def global_priority(core: StudentLoss, mbs: list[MicroBatch], settings: StepSett
     return [mine[mb.index] for mb in mbs]
 
 
-def accumulate_step(student, core: StudentLoss, mbs: list[MicroBatch], settings: StepSettings, step: int, ctx: Dist) -> dict:
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step's sums over the global batch (all micro-batches, all ranks), float64."""
+
+    counts: TokenCounts  # normaliser counts from Φ before any ramp
+    loss_sum: float  # Σ w·f(ℓ) backpropagated; the loss is loss_sum / Z
+    nll_positive_sum: float  # Σ ℓ over tokens with Φ > 0 (counts.positive of them)
+    nll_negative_sum: float  # Σ ℓ over tokens with Φ < 0 (counts.negative of them)
+    clipped_tokens: float  # negative tokens past the clip (neg_loss=clip)
+    input_tokens: float  # real (unpadded) tokens
+
+
+def accumulate_step(student, core: StudentLoss, mbs: list[MicroBatch], settings: StepSettings, step: int, ctx: Dist) -> StepResult:
     """Backpropagate Σ w·f(ℓ) for each of this rank's micro-batches of one optimizer step.
 
-    `student` is `core` or its DDP wrapper. Returns the global (all-reduced) normaliser counts (5,) and the
-    log sums: Σ w·f(ℓ), Σℓ and count over Φ > 0, Σℓ and count over Φ < 0, clipped count, input tokens.
+    `student` is `core` or its DDP wrapper. After it returns, the parameters' .grad hold Σ w·∇f(ℓ) over the
+    global batch (averaged over ranks by DDP) and the caller scales them by W / Z.
     """
-    # ---- Φ before the gradient pass, when it does not need the student or a prepass provides it
+    # ---- Φ before the gradient pass, when it does not need the student or a pre-pass provides it
     phis = None
     if not settings.priority.online:
         phis = [evaluate_priority(settings.priority, mb.tokens, step=step, label_names=settings.label_names) for mb in mbs]
     elif settings.prepass:
         phis = global_priority(core, mbs, settings, step, ctx)
-    counts = torch.zeros(5, dtype=torch.float64)
+    counts = ZERO_COUNTS
     if phis is not None:
-        counts = sum(normalizer_counts(phi, mb.tokens["loss_mask"]) for phi, mb in zip(phis, mbs))
-        counts = all_reduce_sum(counts.to(settings.device), ctx).cpu()
+        local = sum((TokenCounts.of(phi[mb.tokens["loss_mask"]]) for phi, mb in zip(phis, mbs)), ZERO_COUNTS)
+        counts = TokenCounts.from_tensor(all_reduce_sum(local.to_tensor().to(settings.device), ctx).cpu())
 
-    def weights(raw: torch.Tensor) -> torch.Tensor:
-        weight = ramp_negative(raw, step, settings.neg_ramp_steps)
+    def loss_weights(phi: torch.Tensor) -> torch.Tensor:
+        weight = ramp_negative(phi, step, settings.neg_ramp_steps)
         return (sign_weights(weight, counts) if settings.normalize == "per_sign" else weight).to(settings.device)
 
     # ---- gradient pass: one backward per micro-batch, gradients synchronised on the last one only
-    sums = torch.zeros(7, dtype=torch.float64)
+    local_counts, sums = ZERO_COUNTS, torch.zeros(5, dtype=torch.float64)  # sums: loss, nll+, nll-, clipped, input tokens
     for i, mb in enumerate(mbs):
         last = i == len(mbs) - 1
         sync = student.no_sync() if (student is not core and not last) else contextlib.nullcontext()
         with sync:
             if phis is not None:
                 positions = targets_or_first(phis[i] != 0)
-                raw = phis[i][positions]
-                loss, logprob, clipped, _ = student(*on_device(mb, positions, settings.device), weight=weights(raw))
-            else:
+                out = student(*on_device(mb, positions, settings.device), loss_weights=loss_weights, phi=phis[i][positions])
+            else:  # Φ from the student inside the forward; only loss_mask positions can be nonzero
                 positions = targets_or_first(mb.tokens["loss_mask"])
-                found = {}
 
-                def online_weights(logprob, entropy, mb=mb, positions=positions, found=found):
-                    phi = evaluate_priority(settings.priority, with_student(mb, positions, logprob, entropy), step=step, label_names=settings.label_names)
-                    found["counts"], found["raw"] = normalizer_counts(phi, mb.tokens["loss_mask"]), phi[positions]
-                    return weights(found["raw"])
+                def phi_fn(logprob, entropy, mb=mb, positions=positions):
+                    tokens = with_student(mb, positions, logprob, entropy)
+                    return evaluate_priority(settings.priority, tokens, step=step, label_names=settings.label_names)[positions]
 
-                loss, logprob, clipped, _ = student(*on_device(mb, positions, settings.device), weight_fn=online_weights, with_entropy=settings.with_entropy)
-                counts += found["counts"]
-                raw = found["raw"]
-            loss.backward()
-        nll = -logprob.detach().double().cpu()
-        positive, negative = raw > 0, raw < 0
-        sums += torch.tensor([
-            loss.item(), nll[positive].sum().item(), positive.sum().item(),
-            nll[negative].sum().item(), negative.sum().item(), clipped.sum().item(), mb.targets.numel(),
-        ], dtype=torch.float64)
+                out = student(*on_device(mb, positions, settings.device), loss_weights=loss_weights, phi_fn=phi_fn, with_entropy=settings.with_entropy)
+                local_counts = local_counts + TokenCounts.of(out.phi[mb.tokens["loss_mask"][positions]])
+            out.loss_sum.backward()
+        nll, phi = -out.logprob.detach().double().cpu(), out.phi.cpu()
+        sums += torch.tensor([out.loss_sum.item(), nll[phi > 0].sum().item(), nll[phi < 0].sum().item(), out.clipped.sum().item(),
+                              mb.targets.numel()], dtype=torch.float64)
     if phis is None:
-        counts = all_reduce_sum(counts.to(settings.device), ctx).cpu()
-    sums = all_reduce_sum(sums.to(settings.device), ctx).cpu()
-    return {"counts": counts, "sums": sums}
+        counts = TokenCounts.from_tensor(all_reduce_sum(local_counts.to_tensor().to(settings.device), ctx).cpu())
+    loss_sum, nll_positive, nll_negative, clipped, input_tokens = all_reduce_sum(sums.to(settings.device), ctx).cpu().tolist()
+    return StepResult(counts=counts, loss_sum=loss_sum, nll_positive_sum=nll_positive, nll_negative_sum=nll_negative,
+                      clipped_tokens=clipped, input_tokens=input_tokens)

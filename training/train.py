@@ -1,8 +1,10 @@
 """`tokenprio train`: stream scored shards and train a student on the weighted loss L = Σ_t Φ_t·ℓ_t / Z.
 
-One entry function, `train(cfg)`: set-up and checks → plan, optimizer and resume → loop → final checkpoint.
-Works as one process or under `torchrun` (DDP; gloo on CPU, NCCL on GPU); see DESIGN "Loss, normalisation
-and the output head" and "Data order, distribution and resume".
+One entry function, `train(cfg)`, in named phases: set-up (config, processes, device, dtype) → inputs
+(shards, Φ spec, student, every check before training) → plan (steps, optimizer, schedule) → start or
+resume → the loop → the final checkpoint. Works as one process or under `torchrun` (DDP; gloo on CPU,
+NCCL on GPU); see docs/design.md "Loss, normalisation and the output head" and "Data order,
+distribution and resume".
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from scoring.priority import default_normalize, parse_priority
-from scoring.shards import manifest_checksum, open_shards
+from scoring.devices import dtype_name, resolve_dtype
+from scoring.priority import Priority, default_normalize, parse_priority
+from scoring.shards import ShardSet, manifest_checksum, open_shards
 from scoring.stats import DEFAULT_LOGITS_BUDGET_BYTES, check_head_matches_logits, chunk_rows_for_budget
 from training.checkpoint import (
     METRICS_NAME,
@@ -31,13 +33,13 @@ from training.checkpoint import (
     set_rng_state,
     truncate_metrics,
 )
-from training.checks import check_student, scan_corpus
-from training.data import count_micro_batches, iter_epoch, row_groups
+from training.checks import CorpusSummary, check_student, scan_corpus
+from training.data import RowGroup, count_micro_batches, iter_epoch, row_groups
 from training.distributed import Dist, barrier, init_distributed, shutdown
-from training.loss import COUNT_NAMES, NEG_LOSSES, NORMALIZERS, normalizer
-from training.step import StepSettings, StudentLoss, accumulate_step
+from training.loss import NEG_LOSSES, NORMALIZERS, normalizer
+from training.step import StepResult, StepSettings, StudentLoss, accumulate_step, needs_prepass
 
-DTYPES = ("auto", "fp32", "bf16")
+TRAIN_DTYPES = ("float32", "bfloat16")  # autocast dtypes; float16 would need loss scaling
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -65,7 +67,7 @@ class TrainConfig:
     batch_tokens: int = 8192  # padded tokens (rows × longest row) per micro-batch
     grad_accum: int = 1  # micro-batches per rank per optimizer step
     seed: int = 0  # data order (and initial weights when `model` has no weights)
-    dtype: str = "auto"  # auto | fp32 | bf16 (autocast; master weights and output layer stay float32)
+    dtype: str = "auto"  # auto | float32 | bfloat16 (autocast; master weights and output layer stay float32)
     save_every: int = 0  # optimizer steps between checkpoints (0: final checkpoint only)
     resume: bool = False  # continue the run in `out` from its latest checkpoint
     window_groups: int = 4  # row groups shuffled together (≈ 1M tokens each): memory vs shuffle quality
@@ -77,8 +79,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"normalize={cfg.normalize!r}: use one of {', '.join(NORMALIZERS)}.")
     if cfg.neg_loss not in NEG_LOSSES:
         problems.append(f"neg_loss={cfg.neg_loss!r}: use one of {', '.join(NEG_LOSSES)}.")
-    if cfg.dtype not in DTYPES:
-        problems.append(f"dtype={cfg.dtype!r}: use one of {', '.join(DTYPES)}.")
+    if cfg.dtype not in ("auto", *TRAIN_DTYPES):
+        problems.append(f"dtype={cfg.dtype!r}: use one of auto, {', '.join(TRAIN_DTYPES)}.")
     for name in ("batch_tokens", "grad_accum", "epochs", "window_groups"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name}={getattr(cfg, name)}: must be ≥ 1.")
@@ -94,21 +96,6 @@ def validate(cfg: TrainConfig) -> list[str]:
     if not Path(cfg.model).is_dir() or not (Path(cfg.model) / "config.json").exists():
         problems.append(f"model={cfg.model}: not a Hugging Face model folder (no config.json); pass a local folder saved with save_pretrained.")
     return problems
-
-
-def resolve_device(ctx_local_rank: int) -> torch.device:
-    return torch.device(f"cuda:{ctx_local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def resolve_dtype(requested: str, device: torch.device) -> tuple[torch.dtype | None, str]:
-    """(autocast dtype or None for float32, the reason), decided once."""
-    if requested == "fp32":
-        return None, "fp32 (requested)"
-    if requested == "bf16":
-        return torch.bfloat16, "bf16 autocast (requested)"
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16, f"bf16 autocast (auto: {torch.cuda.get_device_name(device)} supports bf16)"
-    return None, f"fp32 (auto: {device.type} device{', no bf16 support' if device.type == 'cuda' else ''})"
 
 
 def load_student(path: Path, seed: int):
@@ -129,44 +116,37 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def run_record(cfg: TrainConfig, extra: dict) -> dict:
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
-    return {"config": config, **extra}
+# ----------------------------------------------------------------------------------------------
+# Phases
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train the student in `cfg.model` on the shards in `cfg.shards`; return the final checkpoint folder.
+@dataclass(frozen=True)
+class Inputs:
+    """Everything `train` checked before its first step: shards, Φ spec, corpus summary and the student."""
 
-    Every check (config, shards, priority, student) runs before training. Raises ValueError /
-    FileNotFoundError subclasses whose message names the field or file and the fix.
-    """
-    # ---- Set-up: config, processes, device and dtype
-    problems = validate(cfg)
-    if problems:
-        raise TrainConfigError("\n".join(problems))
-    ctx = init_distributed("cuda" if torch.cuda.is_available() else "cpu")
-    device = resolve_device(ctx.local_rank)
-    autocast_dtype, dtype_reason = resolve_dtype(cfg.dtype, device)
-    say = tqdm.write if ctx.main else (lambda _: None)
-    run = Path(cfg.out)
-    latest = latest_checkpoint(run) if run.exists() else None
-    if latest is not None and not cfg.resume:
-        raise ValueError(f"{run}: already holds {latest.name}; pass --resume to continue that run, or choose another --out.")
+    shards: ShardSet
+    groups: list[RowGroup]
+    priority: Priority
+    normalize: str
+    summary: CorpusSummary
+    tokenizer: object
+    model: torch.nn.Module  # float32, on the device
+    origin: str  # "loaded" or how it was initialised
 
-    # ---- Shards, priority and student checks (before any training)
+
+def check_inputs(cfg: TrainConfig, device: torch.device) -> Inputs:
+    """Open the shards, parse Φ, scan the corpus and load the student; refuse anything that cannot train."""
+    from transformers import AutoTokenizer
+
     shards = open_shards(cfg.shards)
-    available = set(pq.read_schema(shards.paths[0]).names)
-    priority = parse_priority(cfg.priority, available_columns=available)
+    priority = parse_priority(cfg.priority, available_columns=shards.spec_columns)
     if priority.unresolved_global:
         raise ValueError(
             f"--priority {cfg.priority!r}: {', '.join(priority.unresolved_global)} needs a corpus-wide threshold; resolve it first "
             f"with `tokenprio reweight {cfg.shards} --priority '{cfg.priority}' --out NEW` and train with the spec it records."
         )
-    normalize = cfg.normalize or default_normalize(priority)
     groups = row_groups(shards)
     summary = scan_corpus(shards, groups, read_labels="label" in priority.columns)
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     model, origin = load_student(cfg.model, cfg.seed)
     check_student(shards, tokenizer, model.config, summary, str(cfg.model))
@@ -174,100 +154,39 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(f"--batch-tokens {cfg.batch_tokens} is below the longest row ({summary.max_row_tokens} tokens); raise it.")
     model.to(device)
     check_head_matches_logits(model, device)
-    vocab_size = model.get_output_embeddings().weight.shape[0]
+    return Inputs(shards, groups, priority, cfg.normalize or default_normalize(priority), summary, tokenizer, model, origin)
 
-    # ---- Plan, optimizer, schedule, resume
-    per_step = cfg.grad_accum * ctx.world_size  # micro-batches per optimizer step
-    plan_args = {"seed": cfg.seed, "window_groups": cfg.window_groups, "batch_tokens": cfg.batch_tokens}
 
-    def steps_in_epoch(epoch: int) -> int:  # whole steps only: a final partial step is dropped
-        return count_micro_batches(groups, epoch=epoch, **plan_args) // per_step
+@dataclass(frozen=True)
+class Plan:
+    """The run's length: micro-batches per optimizer step, steps per epoch (a function), total steps."""
 
-    first_epoch_steps = steps_in_epoch(0)
+    per_step: int  # micro-batches per optimizer step: grad_accum × world size
+    total_steps: int
+    plan_args: dict  # seed, window_groups, batch_tokens: what the data order depends on
+
+    def steps_in_epoch(self, groups: list[RowGroup], epoch: int) -> int:
+        """Whole steps only: a final partial step is dropped."""
+        return count_micro_batches(groups, epoch=epoch, **self.plan_args) // self.per_step
+
+
+def make_plan(cfg: TrainConfig, groups: list[RowGroup], world_size: int) -> Plan:
+    plan = Plan(per_step=cfg.grad_accum * world_size, total_steps=0,
+                plan_args={"seed": cfg.seed, "window_groups": cfg.window_groups, "batch_tokens": cfg.batch_tokens})
+    first_epoch_steps = plan.steps_in_epoch(groups, 0)
     if first_epoch_steps == 0:
         raise ValueError(
-            f"{cfg.shards}: one optimizer step needs {per_step} micro-batches (grad_accum × world size) but the corpus makes fewer "
+            f"{cfg.shards}: one optimizer step needs {plan.per_step} micro-batches (grad_accum × world size) but the corpus makes fewer "
             f"under --batch-tokens {cfg.batch_tokens}; lower --batch-tokens or --grad-accum."
         )
-    total_steps = cfg.steps or first_epoch_steps + sum(steps_in_epoch(e) for e in range(1, cfg.epochs))
-    warmup = int(cfg.warmup_ratio * total_steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.min_lr_ratio))
-    record = run_record(cfg, {
-        "normalize": normalize, "priority_canonical": priority.text, "dtype": dtype_reason, "world_size": ctx.world_size,
-        "manifest_checksum": manifest_checksum(shards.manifest), "total_steps": total_steps, "student": origin,
-        "label_names": summary.label_names,
-    })
-    step = epoch = epoch_step = 0
-    if latest is not None:
-        check_same_run(run, record)
-        state = load_trainer_state(latest)
-        model.load_state_dict(load_student(latest, cfg.seed)[0].state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        step, epoch, epoch_step = state["step"], state["epoch"], state["epoch_step"]
-        say(f"resuming {run} from {latest.name} (epoch {epoch}, step {step})")
-        if ctx.main:
-            truncate_metrics(run, step)
-    elif ctx.main:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-    say(f"student {cfg.model} ({origin}); compute {dtype_reason}; priority {priority.text!r}, normalize={normalize}, "
-        f"neg_loss={cfg.neg_loss}; {total_steps} steps of {per_step} micro-batches ≤ {cfg.batch_tokens} tokens")
+    total = cfg.steps or first_epoch_steps + sum(plan.steps_in_epoch(groups, e) for e in range(1, cfg.epochs))
+    return Plan(plan.per_step, total, plan.plan_args)
 
-    core = StudentLoss(model, chunk_rows_for_budget(vocab_size, DEFAULT_LOGITS_BUDGET_BYTES), autocast_dtype,
-                       neg_loss=cfg.neg_loss, clip_nats=cfg.neg_clip_nats or math.log(vocab_size))
-    student = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None) if ctx.world_size > 1 else core
-    global_rho1 = any(args["scope"] == "global" for args in priority.terms("rho1"))
-    settings = StepSettings(
-        priority=priority, normalize=normalize, neg_ramp_steps=cfg.neg_ramp, prepass=priority.online and (global_rho1 or normalize == "per_sign"),
-        with_entropy=bool(priority.terms("student_entropy")), label_names=summary.label_names, device=device,
-    )
-    columns = sorted(priority.columns | {"weight"})
 
-    # ---- Training loop
-    writer = tensorboard_writer(run) if ctx.main else None
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not ctx.main)
-    model.train()
-    last_saved = step if latest is not None else -1
-    while step < total_steps:
-        epoch_steps = steps_in_epoch(epoch)
-        batches = iter_epoch(groups, epoch=epoch, columns=columns, label_names=summary.label_names, rank=ctx.rank,
-                             world_size=ctx.world_size, skip=epoch_step * per_step, stop=epoch_steps * per_step, **plan_args)
-        while epoch_step < epoch_steps and step < total_steps:
-            started = time.perf_counter()
-            micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
-            result = accumulate_step(student, core, micro_batches, settings, step, ctx)
-            z = normalizer(result["counts"], normalize)
-            grad_norm = apply_update(model, optimizer, z, cfg.grad_clip, ctx, say, step)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step, epoch_step = step + 1, epoch_step + 1
-            row = step_metrics(result, z, grad_norm, step, epoch, scheduler.get_last_lr()[0], time.perf_counter() - started)
-            if ctx.main:
-                with open(run / METRICS_NAME, "a") as metrics:
-                    metrics.write(json.dumps(row) + "\n")
-                if writer:
-                    for key, value in row.items():
-                        writer.add_scalar(f"train/{key}", value, step)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            bar.update(1)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
-                state = {"step": step, "epoch": epoch, "epoch_step": epoch_step, "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": rng_state()}
-                if ctx.main:
-                    save_checkpoint(run, model, tokenizer, state)
-                last_saved = step
-                barrier(ctx)
-        if epoch_step >= epoch_steps:
-            epoch, epoch_step = epoch + 1, 0
-    bar.close()
-    if writer:
-        writer.close()
-    assert last_saved == step, f"final step {step} was not checkpointed (last {last_saved})"
-    shutdown(ctx)
-    return checkpoint_dir(run, step)
+def run_record(cfg: TrainConfig, extra: dict) -> dict:
+    """What `config.json` holds: the config, plus what was decided from it (normaliser, dtype, shards' checksum...)."""
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+    return {"config": config, **extra}
 
 
 def check_same_run(run: Path, record: dict) -> None:
@@ -280,6 +199,34 @@ def check_same_run(run: Path, record: dict) -> None:
         differ.append("world_size")
     if differ:
         raise ValueError(f"{run}: cannot resume, this run was started with other settings ({', '.join(differ)}); use the same options or another --out.")
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: optimizer steps done, epoch, and steps done in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+
+
+def start_or_resume(run: Path, latest: Path | None, record: dict, model, optimizer, scheduler, ctx: Dist, seed: int, say) -> Position:
+    """A new run writes config.json; a resumed one checks it and restores weights, optimizer, schedule and RNG."""
+    if latest is None:
+        if ctx.main:
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+        return Position()
+    check_same_run(run, record)
+    state = load_trainer_state(latest)
+    model.load_state_dict(load_student(latest, seed)[0].state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    say(f"resuming {run} from {latest.name} (epoch {state['epoch']}, step {state['step']})")
+    if ctx.main:
+        truncate_metrics(run, state["step"])
+    return Position(state["step"], state["epoch"], state["epoch_step"])
 
 
 def apply_update(model, optimizer, z: float, grad_clip: float, ctx: Dist, say, step: int) -> float:
@@ -296,25 +243,25 @@ def apply_update(model, optimizer, z: float, grad_clip: float, ctx: Dist, say, s
     return float(norm)
 
 
-def step_metrics(result: dict, z: float, grad_norm: float, step: int, epoch: int, lr: float, seconds: float) -> dict:
-    counts, sums = result["counts"].tolist(), result["sums"].tolist()
-    count = dict(zip(COUNT_NAMES, counts))
+def step_metrics(result: StepResult, z: float, grad_norm: float, step: int, epoch: int, lr: float, seconds: float) -> dict:
+    """One line of metrics.jsonl."""
+    counts = result.counts
     return {
         "step": step,
         "epoch": epoch,
-        "loss": sums[0] / z if z else 0.0,  # Σ w·f(ℓ) / Z over the global batch
+        "loss": result.loss_sum / z if z else 0.0,  # Σ w·f(ℓ) / Z over the global batch
         "z": z,
         "lr": lr,
         "grad_norm": grad_norm,
-        "targets": count["tokens"],
-        "selected_share": count["selected"] / max(count["tokens"], 1),
-        "nll_positive": sums[1] / max(sums[2], 1),
-        "nll_negative": sums[3] / max(sums[4], 1),
-        "negative_tokens": sums[4],
-        "clipped_share": sums[5] / max(sums[4], 1),
-        "input_tokens": sums[6],  # real (unpadded) tokens of the global batch
+        "targets": counts.tokens,
+        "selected_share": counts.selected / max(counts.tokens, 1),
+        "nll_positive": result.nll_positive_sum / max(counts.positive, 1),
+        "nll_negative": result.nll_negative_sum / max(counts.negative, 1),
+        "negative_tokens": counts.negative,
+        "clipped_share": result.clipped_tokens / max(counts.negative, 1),
+        "input_tokens": result.input_tokens,  # real (unpadded) tokens of the global batch
         "step_seconds": seconds,
-        "tokens_per_s": sums[6] / seconds,
+        "tokens_per_s": result.input_tokens / seconds,
         "skipped": int(z == 0),
     }
 
@@ -326,3 +273,104 @@ def tensorboard_writer(run: Path):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(run / "tensorboard")
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train the student in `cfg.model` on the shards in `cfg.shards`; return the final checkpoint folder.
+
+    Every check (config, shards, priority, student) runs before training. Raises ValueError /
+    FileNotFoundError subclasses whose message names the field or file and the fix.
+    """
+    # ---- Set-up: config, processes, device and dtype (resolved once, printed)
+    problems = validate(cfg)
+    if problems:
+        raise TrainConfigError("\n".join(problems))
+    ctx = init_distributed("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{ctx.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    compute_dtype, dtype_reason = resolve_dtype(cfg.dtype, device, allowed=TRAIN_DTYPES)
+    autocast_dtype = None if compute_dtype == torch.float32 else compute_dtype
+    say = tqdm.write if ctx.main else (lambda _: None)
+    run = Path(cfg.out)
+    latest = latest_checkpoint(run) if run.exists() else None
+    if latest is not None and not cfg.resume:
+        raise ValueError(f"{run}: already holds {latest.name}; pass --resume to continue that run, or choose another --out.")
+
+    # ---- Inputs: shards, Φ spec and student, all checked before any training
+    inputs = check_inputs(cfg, device)
+    model, priority, normalize = inputs.model, inputs.priority, inputs.normalize
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+
+    # ---- Plan, optimizer and schedule; then start or resume
+    plan = make_plan(cfg, inputs.groups, ctx.world_size)
+    warmup = int(cfg.warmup_ratio * plan.total_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan.total_steps, warmup, cfg.min_lr_ratio))
+    record = run_record(cfg, {
+        "normalize": normalize, "priority_canonical": priority.text, "dtype": f"{dtype_name(compute_dtype)} ({dtype_reason})",
+        "world_size": ctx.world_size, "manifest_checksum": manifest_checksum(inputs.shards.manifest), "total_steps": plan.total_steps,
+        "student": inputs.origin, "label_names": inputs.summary.label_names,
+    })
+    position = start_or_resume(run, latest, record, model, optimizer, scheduler, ctx, cfg.seed, say)
+    say(f"student {cfg.model} ({inputs.origin}); device {device}, compute {dtype_name(compute_dtype)} ({dtype_reason}), output layer float32; "
+        f"priority {priority.text!r}, normalize={normalize}, neg_loss={cfg.neg_loss}; "
+        f"{plan.total_steps} steps of {plan.per_step} micro-batches ≤ {cfg.batch_tokens} tokens")
+
+    # ---- The student's loss module (DDP-wrapped on several processes) and the step settings
+    core = StudentLoss(model, chunk_rows_for_budget(vocab_size, DEFAULT_LOGITS_BUDGET_BYTES), autocast_dtype,
+                       neg_loss=cfg.neg_loss, clip_nats=cfg.neg_clip_nats or math.log(vocab_size))
+    student = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None) if ctx.world_size > 1 else core
+    settings = StepSettings(
+        priority=priority, normalize=normalize, neg_ramp_steps=cfg.neg_ramp,
+        prepass=needs_prepass(priority, normalize),
+        with_entropy="student_entropy" in priority.student_columns, label_names=inputs.summary.label_names, device=device,
+    )
+    columns = sorted(priority.columns | {"weight"})
+
+    # ---- The loop: one optimizer step per GA × W micro-batches, metrics per step, checkpoints
+    writer = tensorboard_writer(run) if ctx.main else None
+    bar = tqdm(total=plan.total_steps, initial=position.step, desc="train", unit="step", disable=not ctx.main)
+    model.train()
+    step, epoch, epoch_step = position.step, position.epoch, position.epoch_step
+    last_saved = step if latest is not None else -1
+    while step < plan.total_steps:
+        epoch_steps = plan.steps_in_epoch(inputs.groups, epoch)
+        batches = iter_epoch(inputs.groups, epoch=epoch, columns=columns, label_names=inputs.summary.label_names, rank=ctx.rank,
+                             world_size=ctx.world_size, skip=epoch_step * plan.per_step, stop=epoch_steps * plan.per_step, **plan.plan_args)
+        while epoch_step < epoch_steps and step < plan.total_steps:
+            started = time.perf_counter()
+            result = accumulate_step(student, core, [next(batches) for _ in range(cfg.grad_accum)], settings, step, ctx)
+            z = normalizer(result.counts, normalize)
+            grad_norm = apply_update(model, optimizer, z, cfg.grad_clip, ctx, say, step)
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, epoch_step = step + 1, epoch_step + 1
+            row = step_metrics(result, z, grad_norm, step, epoch, scheduler.get_last_lr()[0], time.perf_counter() - started)
+            if ctx.main:
+                with open(run / METRICS_NAME, "a") as metrics:
+                    metrics.write(json.dumps(row) + "\n")
+                if writer:
+                    for key, value in row.items():
+                        writer.add_scalar(f"train/{key}", value, step)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == plan.total_steps:
+                state = {"step": step, "epoch": epoch, "epoch_step": epoch_step, "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "rng": rng_state()}
+                if ctx.main:
+                    save_checkpoint(run, model, inputs.tokenizer, state)
+                last_saved = step
+                barrier(ctx)
+        if epoch_step >= epoch_steps:
+            epoch, epoch_step = epoch + 1, 0
+
+    # ---- The final checkpoint is on disk
+    bar.close()
+    if writer:
+        writer.close()
+    assert last_saved == step, f"final step {step} was not checkpointed (last {last_saved})"
+    shutdown(ctx)
+    return checkpoint_dir(run, step)
