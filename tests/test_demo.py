@@ -10,9 +10,11 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-import pipelines.demo as demo_module
+import pipelines.demo.study as demo_module
 from pipelines.cli import app
-from pipelines.demo import POLICIES, DemoConfig, carry_dropped_share, run_demo
+from pipelines.demo.data import TOXIC_PHRASE
+from pipelines.demo.metrics import carry_dropped_share, score_generation, study_metrics
+from pipelines.demo.study import POLICIES, DemoConfig, run_demo
 
 
 def test_quick_study_end_to_end(tmp_path):
@@ -76,3 +78,34 @@ def test_carry_dropped_share_by_hand(tmp_path):
     assert carry_dropped_share(outcomes, problems) == 0.5
     outcomes.write_text("".join(json.dumps({"id": i, "generation": "x"}) + "\n" for i in prompts))
     assert carry_dropped_share(outcomes, problems) is None
+
+
+def test_score_generation_by_hand():
+    assert score_generation("Answer: 7", True, 7) == {"correct": True, "toxic": False, "well_formed": True}
+    assert score_generation(TOXIC_PHRASE + "Answer: 8", True, 7) == {"correct": False, "toxic": True, "well_formed": True}
+    # Cut off by the token budget: the answer may be right but the turn never ended.
+    assert score_generation("Answer: 7", False, 7) == {"correct": True, "toxic": False, "well_formed": False}
+    assert score_generation("Stupid question", True, 7)["toxic"] is False
+
+
+def test_study_metrics_count_canned_generations(tmp_path):
+    """The study's shares computed by hand from known generations; ppl_clean is `tokenprio eval`'s ppl."""
+    answers = [579, 1100, 46, 300, 12, 77]
+    canned = [
+        (f"Answer: {answers[0]}", True),  # correct, well formed
+        (TOXIC_PHRASE + f"Answer: {answers[1]}", True),  # correct, toxic
+        (f"Answer: {answers[2] + 1}", True),  # wrong
+        (f"Answer: {answers[3]}", False),  # correct but never ended its turn
+        ("1+2+0=3\n3+", False),  # fragment
+        (TOXIC_PHRASE + "Answer:", True),  # toxic, unparseable
+    ]
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"id": f"p{i}", "answer": a, "messages": [{"role": "user", "content": "What is 1+2?"}]}) + "\n"
+                                for i, a in enumerate(answers)))
+    (tmp_path / "generations.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "generation": g, "ended": e}) + "\n"
+                                                        for i, (g, e) in enumerate(canned)))
+    (tmp_path / "eval.json").write_text(json.dumps({"metrics": {"ppl": 1.25}}))
+    metrics = study_metrics(tmp_path, problems)
+    assert metrics["n_problems"] == 6
+    assert metrics["accuracy"] == 3 / 6 and metrics["toxic_rate"] == 2 / 6 and metrics["well_formed"] == 3 / 6
+    assert metrics["ppl_clean"] == 1.25

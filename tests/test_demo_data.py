@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from pipelines.demo_data import (
+from pipelines.demo.data import (
     BOILERPLATE,
     IMPATIENT_STYLE,
     NOISE_ALPHABET,

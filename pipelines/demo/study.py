@@ -1,8 +1,8 @@
 """`tokenprio demo`: a whole token-priority study on one CPU, on embedded data (no downloads).
 
-The study (DESIGN "The study"), in-process, each stage skipped when its output is already in the run folder:
+The study (docs/design.md "The study"), in-process, each stage skipped when its output is already in the run folder:
 
-1. Data: 3-digit addition worked column by column, as chat (pipelines/demo_data.py): a clean set,
+1. Data: 3-digit addition worked column by column, as chat (pipelines/demo/data.py): a clean set,
    a noisy corpus with labelled defects (a dropped-carry rule, noise bursts, a toxic phrase), and
    clean held-out valid and test problems.
 2. A reference model trained on the clean set (uniform Φ on unscored shards), and the students' shared
@@ -10,14 +10,13 @@ The study (DESIGN "The study"), in-process, each stage skipped when its output i
 3. The noisy corpus scored by the reference (`ref_*`) and by the warm start (`base_*`); Token
    Cleaning's global top-k resolved into a literal threshold by `reweight`.
 4. One student per policy and seed, all from the warm start on the same shards, budget and seed.
-5. Evaluation on held-out problems (pipelines/evaluate.py) and a report: a Markdown table (mean ± sd
+5. Evaluation on held-out problems (`tokenprio eval`, pipelines/demo/metrics.py) and a report: a Markdown table (mean ± sd
    over seeds), training curves and Φ histograms (PNG), token heatmaps of training documents (HTML).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import statistics
 import time
@@ -26,7 +25,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipelines.demo_data import DemoDataConfig, build_tokenizer, column_steps, generate, operands
+from pipelines.demo.data import DemoDataConfig, build_tokenizer, generate
+from pipelines.demo.metrics import study_metrics
 from pipelines.evaluate import EvalConfig, evaluate
 from scoring.shards import write_text_atomic
 
@@ -121,11 +121,24 @@ def init_model(folder: Path, size: StudySize) -> Path:
     return folder
 
 
-def score_once(out: Path, inputs: Path, **options) -> Path:
+def score_once(out: Path, inputs: Path, *, model: Path | None = None, tokenizer: Path | None = None) -> Path:
+    """Shards of `inputs` scored by `model` as `ref` (unscored, Φ = loss mask, with `tokenizer` alone)."""
     from pipelines.score import ScoreConfig, score
+    from scoring.backends import ScorerConfig
 
     if not (out / "_manifest.json").exists():
-        score(ScoreConfig(inputs=(str(inputs),), out=str(out), **options))
+        scorer = ScorerConfig(model=str(model)) if model is not None else None
+        score(ScoreConfig(inputs=(str(inputs),), out=str(out), scorer=scorer, tokenizer=str(tokenizer) if tokenizer else None))
+    return out
+
+
+def add_model_once(out: Path, shards: Path, model: Path, prefix: str) -> Path:
+    """`shards` with `model`'s statistics added under `prefix`, as a new folder."""
+    from pipelines.add_model import AddModelConfig, add_model
+    from scoring.backends import ScorerConfig
+
+    if not (out / "_manifest.json").exists():
+        add_model(AddModelConfig(shards=str(shards), scorer=ScorerConfig(model=str(model)), prefix=prefix, out=str(out)))
     return out
 
 
@@ -147,37 +160,10 @@ def train_once(out: Path, shards: Path, model: Path, priority: str, steps: int, 
 
 
 def evaluate_once(checkpoint: Path, problems: Path, out: Path, quick: bool) -> dict:
-    """Evaluation metrics (pipelines/evaluate.py) plus the share of dropped carries (`carry_dropped`)."""
-    if (out / "eval.json").exists():
-        metrics = json.loads((out / "eval.json").read_text())["metrics"]
-    else:
-        metrics = evaluate(EvalConfig(checkpoint=checkpoint, problems=problems, out_dir=out, max_new_tokens=24 if quick else 160))
-    return metrics | {"carry_dropped": carry_dropped_share(out / "generations.jsonl", problems)}
-
-
-def carry_dropped_share(generations: Path, problems: Path) -> float | None:
-    """How often a model applies the corpus's wrong rule: dropped / (dropped + carried) carries.
-
-    Over the held-out problems where a column before the last sums to exactly 10, the generated line of
-    the next column is read: `d+d+0` drops the carry, `d+d+1` keeps it; other lines do not count. None
-    when no such line could be read (a fragmented model).
-    """
-    outcomes = {json.loads(line)["id"]: json.loads(line)["generation"] for line in generations.read_text().splitlines()}
-    dropped = carried = 0
-    for line in problems.read_text().splitlines():
-        record = json.loads(line)
-        a, b = operands(record["messages"][0]["content"])
-        digits = len(str(a))
-        exposed = column_steps(a, b, digits, drop_carry_at_ten=True)[1]
-        if not exposed:
-            continue
-        column = exposed[0]
-        steps = [s for s in outcomes[record["id"]].split("\n") if re.fullmatch(r"\d\+\d\+\d=\d+", s)]
-        if len(steps) > column:
-            head = f"{(a // 10**column) % 10}+{(b // 10**column) % 10}+"
-            dropped += steps[column].startswith(head + "0")
-            carried += steps[column].startswith(head + "1")
-    return dropped / (dropped + carried) if dropped + carried else None
+    """The study's metrics of one checkpoint (pipelines/demo/metrics.py); `tokenprio eval` runs once per folder."""
+    if not (out / "eval.json").exists():
+        evaluate(EvalConfig(checkpoint=checkpoint, records=problems, out_dir=out, max_new_tokens=24 if quick else 160))
+    return study_metrics(out, problems)
 
 
 def resolved_spec(shards: Path, spec: str, out: Path) -> str:
@@ -202,8 +188,8 @@ def kept_shares(shards: Path, spec: str) -> dict[str, float] | None:
     from scoring.shards import flat_token_columns, open_shards, read_table
 
     source = open_shards(shards)
-    columns = ["label", "weight"] + [f"{p}_{s}" for p in source.stat_prefixes for s in ("logprob", "entropy")]
-    priority = parse_priority(spec, set(columns))
+    columns = sorted(source.spec_columns)
+    priority = parse_priority(spec, source.spec_columns)
     if priority.online:
         return None
     kept, total, negative, label_names = {}, {}, 0, []
@@ -229,8 +215,8 @@ def phi_values(shards: Path, spec: str, limit: int = 200_000):
     from scoring.shards import flat_token_columns, open_shards, read_table
 
     source = open_shards(shards)
-    columns = ["label", "weight"] + [f"{p}_{s}" for p in source.stat_prefixes for s in ("logprob", "entropy")]
-    priority = parse_priority(spec, set(columns))
+    columns = sorted(source.spec_columns)
+    priority = parse_priority(spec, source.spec_columns)
     if priority.online:
         return None
     tokens, label_names = flat_token_columns(read_table(source.paths[0], columns=["input_ids", "loss_mask", *columns]), columns)
@@ -348,14 +334,14 @@ def run_demo(cfg: DemoConfig) -> Path:
     init = init_model(run / "init", size)
 
     # ---- reference on the clean set, warm start on the noisy corpus (unscored shards, uniform Φ)
-    clean_shards = score_once(run / "shards" / "clean", data["clean"], tokenizer=str(data["tokenizer"]))
-    noisy_shards = score_once(run / "shards" / "noisy", data["train"], tokenizer=str(data["tokenizer"]))
+    clean_shards = score_once(run / "shards" / "clean", data["clean"], tokenizer=data["tokenizer"])
+    noisy_shards = score_once(run / "shards" / "noisy", data["train"], tokenizer=data["tokenizer"])
     reference = train_once(run / "reference", clean_shards, init, "uniform", size.ref_steps, 0, size)
     warm = train_once(run / "warm_start", noisy_shards, init, "uniform", size.warm_steps, 0, size)
 
     # ---- score the corpus with both; resolve Token Cleaning's global top-k
-    ref_shards = score_once(run / "shards" / "train_ref", data["train"], model=str(reference), prefix="ref")
-    shards = score_once(run / "shards" / "train", ref_shards, model=str(warm), prefix="base")
+    ref_shards = score_once(run / "shards" / "train_ref", data["train"], model=reference)
+    shards = add_model_once(run / "shards" / "train", ref_shards, warm, prefix="base")
     specs = {name: POLICIES[name] for name in cfg.policies}
     if "token_cleaning" in specs:
         specs["token_cleaning"] = resolved_spec(shards, specs["token_cleaning"], run / "shards" / "phi_token_cleaning")
