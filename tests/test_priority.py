@@ -258,7 +258,7 @@ def test_malformed_spec_names_the_position(spec, column, words):
 
 
 def test_missing_column_is_refused_with_the_command_that_makes_it():
-    with pytest.raises(PrioritySpecError, match=r"needs column 'base_logprob'.*\n.*\n.*\n.*tokenprio score SHARDS --model BASE --prefix base"):
+    with pytest.raises(PrioritySpecError, match=r"needs column 'base_logprob'.*\n.*\n.*\n.*tokenprio add-model SHARDS --model BASE --prefix base --out NEW"):
         parse_priority("uniform * topk(k=0.6)", {"ref_logprob", "ref_entropy", "weight"})
     with pytest.raises(PrioritySpecError, match="needs column 'label'"):
         parse_priority("labels(toxic=-1)", {"weight"})
