@@ -134,6 +134,7 @@ def run_score_process(corpus, out, model_dir, mode: str) -> int:
     return subprocess.run([sys.executable, "-c", SCORE_SCRIPT, str(corpus), str(out), str(model_dir), mode], cwd=ROOT, capture_output=True).returncode
 
 
+@pytest.mark.slow
 def test_rerun_after_kill_equals_uninterrupted_run(corpus, tmp_path, model_dir):
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     assert run_score_process(corpus, reference, model_dir, "normal") == 0

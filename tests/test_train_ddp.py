@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from train_shards import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # torchrun subprocesses
 TOKENPRIO = str(Path(sys.executable).with_name("tokenprio"))  # the console script of the editable install
 
 

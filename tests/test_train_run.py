@@ -182,6 +182,7 @@ def cli(shards, student, out, *extra) -> list[str]:
             "--batch-tokens", "64", "--steps", "30", "--save-every", "4", "--priority", "rho1(k=0.5) * stored", *extra]
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, shards, student):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     killed = tmp_path / "killed"

@@ -23,6 +23,8 @@ from pipelines.score import ScoreConfig, score
 from scoring.backends import ScorerConfig
 from scoring.vllm_backend import TOPK, close_vllm_engine, load_vllm_engine, score_windows_vllm, topk_entropy, validate_engine_options, vllm_model_info
 
+pytestmark = pytest.mark.vllm
+
 MAX_MODEL_LEN = 500  # tokens per window; below the model's 512 positions, as top-k mode needs one more
 TOLERANCE = 1e-4  # nats, float32 engine against float64 references
 
@@ -124,6 +126,7 @@ def test_exact_entropy_refuses_an_unsupported_architecture(tmp_path):
 # ---- exact engine: backend-level parity ---------------------------------------------------------
 
 
+@pytest.mark.slow  # starts or uses a vLLM engine
 def test_exact_engine_matches_float64_reference(exact_engine, reference_model):
     # 15 windows, 4,834 tokens: more than one scheduler step (4,096 tokens), so some window's prefill is
     # split across steps and its hidden states are gathered by the pooler before scoring.
@@ -141,6 +144,7 @@ def test_exact_engine_matches_float64_reference(exact_engine, reference_model):
         assert (entropy[1:] >= 0).all() and (entropy[1:] <= np.log(exact_engine.vocab_size) + 1e-5).all()
 
 
+@pytest.mark.slow  # starts or uses a vLLM engine
 def test_a_window_scores_the_same_alone_and_in_a_batch(exact_engine):
     windows = random_windows(exact_engine.vocab_size, [40, 300, 7, 128], seed=2)
     batched = score_windows_vllm(exact_engine, windows)
@@ -149,6 +153,7 @@ def test_a_window_scores_the_same_alone_and_in_a_batch(exact_engine):
     np.testing.assert_allclose(alone[1][1:], batched[1][1][1:], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # starts or uses a vLLM engine
 def test_windows_outside_the_engine_limit_are_refused(exact_engine):
     with pytest.raises(ValueError, match=f"window 1 has {MAX_MODEL_LEN + 1} tokens.*--max-length {MAX_MODEL_LEN}"):
         score_windows_vllm(exact_engine, [[1, 2], [3] * (MAX_MODEL_LEN + 1)])
@@ -156,6 +161,7 @@ def test_windows_outside_the_engine_limit_are_refused(exact_engine):
         score_windows_vllm(exact_engine, [[]])
 
 
+@pytest.mark.slow  # starts or uses a vLLM engine
 def test_model_info_names_backend_version_entropy_and_dtype(exact_engine):
     import vllm
 
@@ -173,6 +179,7 @@ RECORDS = [
 ]
 
 
+@pytest.mark.slow  # starts or uses a vLLM engine
 def test_score_pipeline_shards_agree_between_hf_and_vllm_with_default_options(exact_engine, reference_model, model_dir, tmp_path, monkeypatch):
     """Default options on both backends (dtype auto: float32 on this CPU for both) give the same shards."""
     corpus = tmp_path / "corpus.jsonl"
@@ -213,6 +220,7 @@ def test_score_pipeline_shards_agree_between_hf_and_vllm_with_default_options(ex
 # ---- top-k mode: a second engine (generate runner) -----------------------------------------------
 
 
+@pytest.mark.slow  # starts or uses a vLLM engine
 def test_topk_engine_returns_exact_logprobs_and_the_topk_entropy_estimate(topk_engine, reference_model):
     engine = topk_engine
     windows = random_windows(engine.vocab_size, [1, 2, 30, 200, MAX_MODEL_LEN], seed=3)
