@@ -66,7 +66,7 @@ def score(
     chat_template: Annotated[Optional[str], typer.Option(help="Jinja chat template file, instead of the tokenizer's.")] = None,
     split: Annotated[str, typer.Option(help="Split of Hugging Face datasets.")] = "train",
     max_length: Annotated[int, typer.Option(help="Tokens per row; longer records are windowed.")] = 2048,
-    context: Annotated[int, typer.Option(help="Tokens repeated (unmasked) at the start of each later window.")] = 256,
+    context: Annotated[Optional[int], typer.Option(help="--long-docs window: tokens repeated (unmasked) at the start of each later window (default 256).")] = None,
     long_docs: Annotated[str, typer.Option(help="window (score every token) | truncate (count dropped tokens).")] = "window",
     records_per_shard: Annotated[int, typer.Option(help="Input records per shard file.")] = 10_000,
     on_error: Annotated[str, typer.Option(help="raise | skip (bad records counted in the manifest).")] = "raise",

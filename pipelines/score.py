@@ -37,6 +37,9 @@ from scoring.shards import (
 )
 
 
+DEFAULT_CONTEXT = 256  # tokens of context repeated at the start of each later window
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     inputs: tuple[str, ...]  # JSONL/JSON/Parquet/CSV files, dataset folders or dataset names
@@ -49,7 +52,7 @@ class ScoreConfig:
     chat_template: str | None = None  # Jinja file used instead of the tokenizer's chat template
     split: str = "train"  # split of Hugging Face datasets
     max_length: int = 2048  # tokens per row (window)
-    n_context: int = 256  # tokens repeated from the previous window at the start of window k > 0
+    n_context: int | None = None  # tokens repeated from the previous window at the start of window k > 0 (None: 256); window mode only
     long_docs: str = "window"  # window | truncate (dropped tokens counted in the manifest)
     records_per_shard: int = 10_000  # input records per shard file
     num_tasks: int = 1  # independent processes scoring one corpus together
@@ -71,10 +74,16 @@ def validate(cfg: ScoreConfig) -> list[str]:
         problems.append(f"--prefix {cfg.prefix!r}: use a short identifier such as ref or base.")
     if cfg.max_length < 2:
         problems.append(f"--max-length {cfg.max_length}: must be at least 2 tokens.")
-    if not 1 <= cfg.n_context < cfg.max_length:
-        problems.append(f"--context {cfg.n_context}: must be in [1, max_length) = [1, {cfg.max_length}).")
     if cfg.long_docs not in ("window", "truncate"):
         problems.append(f"--long-docs {cfg.long_docs!r}: choose window or truncate.")
+    if cfg.long_docs == "truncate" and cfg.n_context is not None:
+        problems.append("--context applies to --long-docs window (truncate repeats no context); drop it.")
+    if cfg.long_docs == "window" and not 1 <= context_tokens(cfg) < cfg.max_length:
+        problems.append(f"--context {context_tokens(cfg)}: must be in [1, max_length) = [1, {cfg.max_length}); pass --context.")
+    if cfg.scorer is None and cfg.prefix != "ref":
+        problems.append(f"--prefix {cfg.prefix} names the scored model's columns; unscored shards (no --model) have none: drop it.")
+    if cfg.split != "train" and cfg.inputs and all(Path(name).is_file() for name in cfg.inputs):
+        problems.append(f"--split {cfg.split} applies to Hugging Face datasets; the inputs are all files: drop it.")
     if cfg.on_error not in ("raise", "skip"):
         problems.append(f"--on-error {cfg.on_error!r}: choose raise or skip.")
     if cfg.records_per_shard < 1:
@@ -84,6 +93,11 @@ def validate(cfg: ScoreConfig) -> list[str]:
     if cfg.chat_template is not None and not Path(cfg.chat_template).is_file():
         problems.append(f"--chat-template {cfg.chat_template}: no such file.")
     return problems
+
+
+def context_tokens(cfg: ScoreConfig) -> int:
+    """Tokens repeated at the start of window k > 0: the option, else 256 (the value is unused with truncate)."""
+    return cfg.n_context if cfg.n_context is not None else DEFAULT_CONTEXT
 
 
 def input_identity(inputs: tuple[str, ...]) -> list:
@@ -108,7 +122,7 @@ def encode_shard(records, tokenizer, cfg: ScoreConfig, chat_template: str | None
     for record in records:
         try:
             encoded = encode_record(record, tokenizer, chat_template=chat_template)
-            windows, dropped = split_windows(encoded, max_length=cfg.max_length, n_context=cfg.n_context, long_docs=cfg.long_docs)
+            windows, dropped = split_windows(encoded, max_length=cfg.max_length, n_context=min(context_tokens(cfg), cfg.max_length - 1), long_docs=cfg.long_docs)
         except InputError as error:
             if cfg.on_error == "raise":
                 raise
@@ -146,7 +160,9 @@ def prepare(cfg: ScoreConfig) -> Run:
     tokenizer = load_tokenizer(tokenizer_name, cfg.scorer.trust_remote_code if cfg.scorer else False)
     priority = parse_offline(cfg.priority, spec_columns([cfg.prefix] if cfg.scorer else []), "score")
     chat_template = Path(cfg.chat_template).read_text() if cfg.chat_template else None
-    windowing = {"max_length": cfg.max_length, "n_context": cfg.n_context, "long_docs": cfg.long_docs}
+    windowing = {"max_length": cfg.max_length, "long_docs": cfg.long_docs}
+    if cfg.long_docs == "window":
+        windowing["n_context"] = context_tokens(cfg)
     metadata = corpus_metadata(tokenizer=tokenizer, tokenizer_name=tokenizer_name, chat_template=chat_template, windowing=windowing,
                                records_per_shard=cfg.records_per_shard, priority=priority.text)
     cfg_hash = config_hash({

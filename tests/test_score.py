@@ -277,3 +277,23 @@ def test_cli_scores_and_reports_errors_with_exit_code_1(corpus, tmp_path, model_
     assert result.exit_code == 1 and "no such model folder" in result.output
     result = runner.invoke(app, ["reweight", str(out), "--priority", "highpass(min_nll=", "--out", str(tmp_path / "y")])
     assert result.exit_code == 1 and "error:" in result.output
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"long_docs": "truncate"}, "--context applies to --long-docs window"),  # config() sets n_context=4
+        ({"scorer": None, "tokenizer": "TOK", "prefix": "base"}, "--prefix base names the scored model's columns"),
+        ({"split": "test"}, "--split test applies to Hugging Face datasets"),
+    ],
+)
+def test_options_that_would_be_ignored_are_refused(corpus, tmp_path, model_dir, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        score(config(corpus, tmp_path / "out", model_dir, **overrides))
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncate_records_no_context_and_counts_dropped_tokens(corpus, tmp_path, model_dir):
+    manifest = score(config(corpus, tmp_path / "out", model_dir, long_docs="truncate", n_context=None))
+    assert manifest["metadata"]["windowing"] == {"max_length": 24, "long_docs": "truncate"}
+    assert manifest["totals"]["truncated_tokens"] > 0 and (pd.read_parquet(tmp_path / "out").window == 0).all()
