@@ -56,6 +56,8 @@ SIGNATURES: dict[str, tuple[int, tuple[tuple[str, object, object], ...]]] = {
     "importance": (0, (("min", "number", 0.0), ("max", "number", 2.0), ("ref", "prefix", "ref"), ("base", "prefix", "base"))),
     "labels": (0, ()),  # free keyword arguments: label name = number
     "forgetting": (0, (("rho", "number", 0.7), ("threshold", "number", None), ("ref", "prefix", "ref"), ("base", "prefix", "base"))),
+    "prift": (0, (("alpha", "number", 1.0), ("source", "prefix", "ref"))),
+    "cleaning": (0, (("delta", "number", 0.1), ("ref", "prefix", "ref"), ("base", "prefix", "base"))),
     # online terms (the trainer supplies the student's statistics)
     "rho1": (0, (("k", "number", 0.6), ("scope", ("global", "micro"), "global"), ("ref", "prefix", "ref"))),
     "dft": (0, ()),
@@ -67,7 +69,7 @@ SIGNATURES: dict[str, tuple[int, tuple[tuple[str, object, object], ...]]] = {
     "switch": (2, (("at", "count", REQUIRED),)),
 }
 ONLINE_TERMS = ("rho1", "dft", "student_entropy")
-SELECTION_TERMS = ("highpass", "topk", "rho1", "forgetting")
+SELECTION_TERMS = ("highpass", "topk", "rho1", "forgetting", "cleaning")
 SCHEDULES = ("warmup", "ramp", "switch")
 STUDENT_COLUMNS = ("student_logprob", "student_entropy")
 _STUDENT_COLUMN = {"rho1": "student_logprob", "dft": "student_logprob", "student_entropy": "student_entropy"}  # what each online term reads
@@ -125,7 +127,7 @@ class Priority:
 
     @property
     def has_selection(self) -> bool:
-        """True when the spec contains a selection term: highpass, topk, rho1 or forgetting."""
+        """True when the spec contains a selection term: highpass, topk, rho1, forgetting or cleaning."""
         return contains_selection(self.root)
 
     @property
@@ -316,6 +318,8 @@ def _check_values(spec: str, node: Node) -> None:
             raise bad(key, f"{key}={_fmt_number(args[key])} must be a fraction of tokens in (0, 1]", f"e.g. {key}=0.6")
     if node.name == "highpass" and args["min_nll"] < 0:
         raise bad("min_nll", "min_nll must be ≥ 0 nats (an NLL is never negative)")
+    if node.name == "cleaning" and args["delta"] < 0:
+        raise bad("delta", "delta must be ≥ 0 nats (it keeps s ≥ −delta)", "for a positive threshold on s use topk(threshold=...)")
     if "alpha" in args and args["alpha"] <= 0:
         raise bad("alpha", "alpha must be > 0")
     if "max_nats" in args and args["max_nats"] <= 0:
@@ -398,13 +402,13 @@ def _node_columns(node: Node) -> set[str]:
         return {"weight"}
     if node.name == "labels":
         return {"label"}
-    if node.name == "highpass":
+    if node.name in ("highpass", "prift"):
         return {f"{args['source']}_logprob"}
     if node.name == "entropy":
         return {f"{args['source']}_entropy"}
     if node.name == "topk" and args["score"] == "nll":
         return {f"{args['ref']}_logprob"}
-    if node.name in ("topk", "importance", "forgetting"):
+    if node.name in ("topk", "importance", "forgetting", "cleaning"):
         return {f"{args['ref']}_logprob", f"{args['base']}_logprob"}
     if node.name == "rho1":
         return {f"{args['ref']}_logprob"}
