@@ -156,11 +156,13 @@ class Priority:
 
 _TOKEN = re.compile(r"(?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<name>[A-Za-z_][A-Za-z0-9_\-]*)|(?P<punct>[()*,=])")
 _PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
+MAX_NESTING = 32  # expression arguments inside expression arguments, e.g. warmup(clip(...)) is 2
 
 
 def spec_error(spec: str, pos: int, message: str, fix: str = "") -> PrioritySpecError:
-    caret = " " * pos + "^"
-    text = f"{message} (column {pos + 1} of the priority spec)\n  {spec}\n  {caret}"
+    # One line, one column per character (newlines and tabs as spaces, other unprintables as ?): the caret stays under pos.
+    shown = "".join(c if c.isprintable() else " " if c.isspace() else "?" for c in spec)
+    text = f"{message} (column {pos + 1} of the priority spec)\n  {shown}\n  {' ' * pos}^"
     return PrioritySpecError(text + (f"\n{fix}" if fix else ""))
 
 
@@ -184,13 +186,14 @@ def _describe(token: tuple[str, str, int]) -> str:
     return "the end of the spec" if token[0] == "end" else repr(token[1])
 
 
-def _parse_product(spec: str, tokens: list, i: int) -> tuple[Node, int]:
+def _parse_product(spec: str, tokens: list, i: int, depth: int = 0) -> tuple[Node, int]:
     start = tokens[i][2]
-    factors = []
-    node, i = _parse_factor(spec, tokens, i)
-    factors.append(node)
+    if depth > MAX_NESTING:  # every walk over the tree recurses: refuse before Python's recursion limit does
+        raise spec_error(spec, start, f"expressions nest more than {MAX_NESTING} levels deep", "write a flatter spec")
+    node, i = _parse_factor(spec, tokens, i, depth)
+    factors = [node]
     while tokens[i][0] == "*":
-        node, i = _parse_factor(spec, tokens, i + 1)
+        node, i = _parse_factor(spec, tokens, i + 1, depth)
         factors.append(node)
     return (factors[0] if len(factors) == 1 else Node("*", children=tuple(factors), pos=start)), i
 
@@ -202,7 +205,7 @@ def _parse_number(spec: str, token: tuple[str, str, int]) -> float:
     return value
 
 
-def _parse_factor(spec: str, tokens: list, i: int) -> tuple[Node, int]:
+def _parse_factor(spec: str, tokens: list, i: int, depth: int) -> tuple[Node, int]:
     kind, text, pos = tokens[i]
     if kind == "number":
         return Node("number", (("value", _parse_number(spec, tokens[i])),), pos=pos), i + 1
@@ -227,7 +230,7 @@ def _parse_factor(spec: str, tokens: list, i: int) -> tuple[Node, int]:
             else:
                 if keywords:
                     raise spec_error(spec, tokens[i][2], "an expression argument follows a keyword argument", "write expression arguments first, e.g. clip(EXPR, max=1)")
-                child, i = _parse_product(spec, tokens, i)
+                child, i = _parse_product(spec, tokens, i, depth + 1)
                 children.append(child)
             if tokens[i][0] == ",":
                 i += 1

@@ -25,9 +25,15 @@ def excess(tokens: dict, args: dict) -> torch.Tensor:
 
 
 def ceil_fraction(fraction: float, counts: torch.Tensor) -> torch.Tensor:
-    """⌈fraction · counts⌉ exactly (int64): the float product 0.55 · 100 is 55.00000000000001."""
+    """⌈fraction · counts⌉ exactly (int64): the float product 0.55 · 100 is 55.00000000000001.
+
+    In Python integers, once per distinct count: k = 1.0000000000000003e-09 is 10000000000000003 / 10^25,
+    whose product with a count overflows int64.
+    """
     ratio = Fraction(repr(fraction))
-    return (counts * ratio.numerator + ratio.denominator - 1) // ratio.denominator
+    distinct, inverse = torch.unique(counts, return_inverse=True)
+    ceils = [-(-int(count) * ratio.numerator // ratio.denominator) for count in distinct.tolist()]
+    return torch.tensor(ceils, dtype=torch.int64, device=counts.device)[inverse]
 
 
 def _select_top(score: torch.Tensor, cand: torch.Tensor, fraction: float, group: torch.Tensor | None = None) -> torch.Tensor:
