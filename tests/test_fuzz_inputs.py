@@ -2,8 +2,8 @@
 
 Arbitrary records (any JSON value in any field, Unicode with lone surrogates, combining marks, RTL, emoji
 and control characters, huge fields, spans at any offsets, any message structure) and arbitrary lines
-(malformed JSON, invalid UTF-8, deep nesting, huge numbers) are written as JSONL, JSON, CSV or Parquet (typed, nulls anywhere)
-and read with iter_records, encoded with encode_record on the test tokenizer (byte-level BPE, with and
+(malformed JSON, invalid UTF-8, deep nesting, huge numbers) are written as JSONL, JSON, CSV or Parquet
+(typed, nulls anywhere) and read with iter_records, encoded with encode_record on the test tokenizer (byte-level BPE, with and
 without {% generation %} markers) and the demo's character tokenizer, and cut with split_windows.
 Every outcome is either a valid encoding (ids, mask, labels and offsets aligned; position 0 never a target;
 every span's characters' tokens labelled and no other token; windows that cover every target exactly
@@ -65,7 +65,9 @@ ODD_CHARACTERS = [
 CHARACTER = st.one_of(st.sampled_from(ODD_CHARACTERS), st.characters(codec=None, exclude_categories=()), st.sampled_from("ab cd.,!?0123"))
 SMALL_TEXT = st.lists(CHARACTER, max_size=24).map("".join)
 HUGE_TEXT = st.builds(lambda text, n: (text * n)[:20_000], st.lists(CHARACTER, min_size=1, max_size=8).map("".join), st.integers(200, 5_000))
-TEXT = st.one_of(*[SMALL_TEXT] * 14, HUGE_TEXT)  # a huge field about once in 15 strings
+TEXT = st.one_of(*[SMALL_TEXT] * 14, HUGE_TEXT)  # a huge field about once in 15 strings (a 200k-character one: a plain test)
+
+
 def json_containers(inner):
     return st.lists(inner, max_size=3) | st.dictionaries(SMALL_TEXT, inner, max_size=3)
 
@@ -509,3 +511,16 @@ def test_an_input_name_too_long_for_the_file_system_is_an_input_error():
     with pytest.raises(InputError, match="cannot be checked") as info:
         check_inputs([name, "x" * 300 + ".jsonl"])
     assert str(info.value).count("\n") == 1  # both inputs named, one line each
+
+
+def test_a_field_of_200k_characters_encodes_and_windows_cover_it(tmp_path):
+    """A huge field, beyond what the fuzzers draw: mixed scripts, emoji and controls, a span at its very end."""
+    text = ("The fox 😀 שלום e\u0301 中文\t\x00 " * 8_000)[:200_000]
+    path = tmp_path / "huge.jsonl"
+    path.write_text(json.dumps({"text": text, "spans": [{"start": len(text) - 5, "end": len(text), "label": "toxic"}]}) + "\n")
+    (rec,) = iter_records([str(path)], FIELDS)
+    tokenizer = TOKENIZERS["bpe"]
+    encoded = encode_record(rec, tokenizer)
+    check_encoded(encoded, rec, tokenizer, len(tokenizer))
+    assert encoded.label[-2] == "toxic" and encoded.label.count("toxic") >= 2  # the last text token, before EOS
+    check_windows(encoded, 4096, 256, "window")
