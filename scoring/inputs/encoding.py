@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scoring.inputs.readers import FieldNames, InputError, Record, where
+from scoring.inputs.readers import FieldNames, InputError, Record, surrogate_problem, where
 
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers detects {% generation %}
 
@@ -43,12 +43,21 @@ def tokenize_with_offsets(tokenizer, text: str, *, add_special_tokens: bool) -> 
     return ids, starts, ends
 
 
-def string_field(data: dict, name: str, at: str) -> str:
-    """data[name] as a non-empty string, else InputError."""
+def check_string(value: str, what: str, at: str) -> str:
+    """`value` unchanged, or InputError when it holds a lone surrogate (the tokenizer would raise TypeError)."""
+    problem = surrogate_problem(value, what)
+    if problem:
+        raise InputError(f"{at}: {problem}")
+    return value
+
+
+def string_field(data: dict, name: str, at: str, *, allow_empty: bool = False) -> str:
+    """data[name] as a string (non-empty unless allow_empty) of valid Unicode, else InputError."""
     value = data.get(name)
     if not isinstance(value, str):
         raise InputError(f"{at}: field {name!r} must be a string, got {type(value).__name__}; fix the record.")
-    if not value.strip():
+    check_string(value, f"field {name!r}", at)
+    if not value.strip() and not allow_empty:
         raise InputError(f"{at}: field {name!r} is empty (an empty document has nothing to train on); remove the record.")
     return value
 
@@ -61,9 +70,10 @@ def read_span(span, index: int, text_length: int, at: str, indexes: str) -> tupl
     start, end, label = span.get("start"), span.get("end"), span.get("label")
     for key, value in (("start", start), ("end", end)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{at}: {name}.{key} must be an integer character offset, got {value!r}.")
+            raise InputError(f"{at}: {name}.{key} must be an integer character offset, got {value!r:.80}.")
     if not isinstance(label, str) or not label:
-        raise InputError(f"{at}: {name} has no label (got {label!r}); give every span a non-empty string 'label'.")
+        raise InputError(f"{at}: {name} has no label (got {label!r:.80}); give every span a non-empty string 'label'.")
+    check_string(label, f"{name}.label", at)
     if not 0 <= start < end <= text_length:
         raise InputError(
             f"{at}: {name} [{start}, {end}) is not a non-empty range inside {indexes} ({text_length} characters); "
@@ -126,9 +136,7 @@ def encode_completion(record: Record, tokenizer) -> Encoded:
     `text` = prompt + completion; spans index the completion.
     """
     at, fields = where(record.source, record.line), record.fields
-    prompt = record.data.get(fields.prompt)
-    if not isinstance(prompt, str):
-        raise InputError(f"{at}: field {fields.prompt!r} must be a string, got {type(prompt).__name__}; fix the record.")
+    prompt = string_field(record.data, fields.prompt, at, allow_empty=True)
     completion = string_field(record.data, fields.completion, at)
     spans = [read_span(s, i, len(completion), at, f"{fields.completion!r}") for i, s in enumerate(span_list(record.data, fields, at))]
     spans = [(start + len(prompt), end + len(prompt), label) for start, end, label in spans]
@@ -154,6 +162,7 @@ def chat_messages(record: Record) -> list[dict]:
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 raise InputError(f"{at}: {name}[{i}].{key} must be a string, got {type(message.get(key)).__name__}; fix the record.")
+            check_string(message[key], f"{name}[{i}].{key}", at)
         if message["role"] == "assistant" and not message["content"].strip():
             raise InputError(f"{at}: {name}[{i}] is an assistant message with empty content (nothing to train on); remove it.")
     if not any(m["role"] == "assistant" for m in messages):
@@ -228,7 +237,7 @@ def chat_spans(record: Record, messages: list[dict], starts_in_text: list[int | 
             raise InputError(f"{at}: spans[{index}] must be an object {{message, start, end, label}}, got {type(span).__name__}.")
         message = span.get("message")
         if isinstance(message, bool) or not isinstance(message, int) or not 0 <= message < len(messages):
-            raise InputError(f"{at}: spans[{index}].message must be a message index in [0, {len(messages)}), got {message!r}.")
+            raise InputError(f"{at}: spans[{index}].message must be a message index in [0, {len(messages)}), got {message!r:.80}.")
         start, end, label = read_span(span, index, len(messages[message]["content"]), at, f"the content of message {message}")
         base = starts_in_text[message]
         if base is None:
@@ -251,7 +260,7 @@ def encode_chat(record: Record, tokenizer, chat_template: str | None) -> Encoded
         raise ValueError(f"{at}: a chat record, but the tokenizer has no chat template; pass --chat-template FILE (a Jinja template).")
     messages = chat_messages(record)
     template = chat_template if chat_template is not None else tokenizer.get_chat_template()
-    text = render_chat(tokenizer, messages, template, at)
+    text = check_string(render_chat(tokenizer, messages, template, at), f"the chat rendered from {record.fields.messages!r}", at)
     ids, starts, ends = tokenize_with_offsets(tokenizer, text, add_special_tokens=False)
     has_markers = GENERATION_MARKER.search(template) is not None
     needs_positions = not has_markers or record.data.get(record.fields.spans) is not None

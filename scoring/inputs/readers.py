@@ -24,6 +24,7 @@ POSITION_WORD = {".jsonl": "line", ".csv": "line", ".json": "item", ".parquet": 
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gsm8k" or "openai/gsm8k"
 FIELD_OPTIONS = "--text-field, --messages-field, --prompt-field and --completion-field"
 PARQUET_BATCH_ROWS = 1024  # rows decoded to Python at a time
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: JSON can escape one, no tokenizer or Parquet file takes it
 
 
 class InputError(ValueError):
@@ -56,6 +57,21 @@ def where(source: str, line: int) -> str:
     return f"{source}, {POSITION_WORD.get(Path(source).suffix.lower(), 'row')} {line}"
 
 
+def surrogate_problem(value: str, what: str) -> str | None:
+    """What is wrong when the string `value` (described by `what`, e.g. "field 'text'") holds a lone surrogate, else None."""
+    found = LONE_SURROGATE.search(value)
+    if found is None:
+        return None
+    return f"{what} holds an unpaired UTF-16 surrogate {found.group()!r} at character {found.start()} (a \\uXXXX escape without its pair); fix or remove it."
+
+
+def json_limit_problem(error: ValueError | RecursionError) -> str:
+    """json.loads / json.dumps refuse integers over sys.get_int_max_str_digits() digits and deep nesting."""
+    if isinstance(error, RecursionError):
+        return "JSON nested too deeply to read (about 1000 levels or more)"
+    return f"a JSON integer too long to read ({error.args[0].split(':')[0]})"
+
+
 # ----------------------------------------------------------------------------------------------
 # Checking inputs up front
 
@@ -69,11 +85,15 @@ def input_problem(name: str) -> str | None:
     """What is wrong with one input (None if nothing): a missing file, an unknown extension, a bad dataset name."""
     path = Path(name)
     suffix = path.suffix.lower()
-    if path.is_dir():
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError as error:  # pathlib answers False only for missing paths; a name too long raises ENAMETOOLONG
+        return f"{name}: cannot be checked as a path ({error.strerror}); check the path."
+    if is_dir:
         if is_dataset_folder(path):
             return None
         return f"{name}: a folder but not a dataset saved with datasets' save_to_disk; pass its files ({', '.join(FILE_EXTENSIONS)}) instead."
-    if path.is_file():
+    if is_file:
         if suffix in FILE_EXTENSIONS:
             return parquet_problem(path) if suffix == ".parquet" else None
         return f"{name}: unknown extension {suffix or '(none)'!r}; use one of {', '.join(FILE_EXTENSIONS)} or a dataset name."
@@ -134,6 +154,9 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str | None, str]]
             except json.JSONDecodeError as error:
                 yield line_no, None, f"malformed JSON at column {error.colno} ({error.msg}); fix or remove the line (one JSON object per line).", line
                 continue
+            except (ValueError, RecursionError) as error:
+                yield line_no, None, f"{json_limit_problem(error)}; fix or remove the line.", line
+                continue
             if not isinstance(data, dict):
                 yield line_no, None, f"expected a JSON object, got {type(data).__name__}; write one object per line.", line
                 continue
@@ -148,13 +171,19 @@ def read_json(path: Path) -> Iterator[tuple[int, dict | None, str | None, str]]:
         raise InputError(f"{path}: invalid UTF-8 at byte {error.start}; re-encode the file as UTF-8.") from None
     except json.JSONDecodeError as error:
         raise InputError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno} ({error.msg}); fix the file.") from None
+    except (ValueError, RecursionError) as error:
+        raise InputError(f"{path}: {json_limit_problem(error)}; fix the file.") from None
     if not isinstance(items, list):
         raise InputError(f"{path}: a .json input must hold a list of objects, got {type(items).__name__}; for one object per line use .jsonl.")
     for index, item in enumerate(items, start=1):
         if isinstance(item, dict):
             yield index, item, None, ""
         else:
-            yield index, None, f"expected a JSON object, got {type(item).__name__}; the list must hold objects.", json.dumps(item, default=str)
+            try:
+                raw = json.dumps(item, default=str)
+            except RecursionError:  # nested deeper than json.dumps writes: the id comes from the file name and item alone
+                raw = ""
+            yield index, None, f"expected a JSON object, got {type(item).__name__}; the list must hold objects.", raw
 
 
 def read_parquet(path: Path) -> Iterator[tuple[int, dict | None, str | None, str]]:
@@ -219,6 +248,8 @@ def csv_record(data: dict, fields: FieldNames) -> tuple[dict | None, str | None]
                 data[name] = json.loads(data[name])
             except json.JSONDecodeError as error:
                 return None, f"field {name!r} is not valid JSON ({error.msg}); CSV cells of {name!r} must hold JSON."
+            except (ValueError, RecursionError) as error:
+                return None, f"field {name!r}: {json_limit_problem(error)}."
     return data, None
 
 
@@ -261,7 +292,8 @@ def raw_rows(name: str, fields: FieldNames, split: str) -> Iterator[tuple[int, d
 
 def derive_doc_id(source: str, line: int, content: str) -> str:
     """sha256(file name, line, content)[:16]: stable across machines and folders, unique unless a file is duplicated."""
-    return hashlib.sha256(f"{Path(source).name}\n{line}\n{content}".encode()).hexdigest()[:16]
+    # surrogatepass: a lone surrogate (refused later, naming its field) must not stop the numbering; same bytes otherwise
+    return hashlib.sha256(f"{Path(source).name}\n{line}\n{content}".encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def record_kind(data: dict, fields: FieldNames) -> str | None:
@@ -282,13 +314,19 @@ def make_record(source: str, line: int, data: dict | None, error: str | None, ra
     """Classify one parsed row; any problem becomes an error record carrying the full message."""
     if data is None:
         return Record(source, line, derive_doc_id(source, line, raw), "error", {}, f"{where(source, line)}: {error}", fields)
-    content = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str)
+    try:
+        content = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str)
+    except RecursionError as error:  # json.loads accepts a little more nesting than json.dumps can write back
+        return Record(source, line, derive_doc_id(source, line, raw), "error", {}, f"{where(source, line)}: {json_limit_problem(error)}.", fields)
     doc_id = derive_doc_id(source, line, content)
     given = data.get(fields.id)
     if given is not None:
         if isinstance(given, bool) or not isinstance(given, (str, int)) or given == "":
-            message = f"{where(source, line)}: field {fields.id!r} must be a non-empty string or integer, got {given!r}; fix it or pass --id-field."
+            message = f"{where(source, line)}: field {fields.id!r} must be a non-empty string or integer, got {given!r:.80}; fix it or pass --id-field."
             return Record(source, line, doc_id, "error", data, message, fields)
+        problem = surrogate_problem(given, f"field {fields.id!r}") if isinstance(given, str) else None
+        if problem:
+            return Record(source, line, doc_id, "error", data, f"{where(source, line)}: {problem}", fields)
         doc_id = str(given)
     kind = record_kind(data, fields)
     if kind is None:

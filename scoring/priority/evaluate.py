@@ -1,7 +1,7 @@
 """Evaluation of a parsed priority spec: Φ over flat token positions, schedules, and global resolution.
 
 Product semantics (docs/design.md "Φ: one spec syntax"): the factors of a product that contain a selection
-term (highpass, topk, rho1, forgetting) act only where the product P of the other factors is > 0:
+term (highpass, topk, rho1, forgetting, cleaning) act only where the product P of the other factors is > 0:
 
     Φ = P · Π gates    where P > 0
     Φ = P              where P ≤ 0      (a negative token is never deselected)
@@ -36,12 +36,14 @@ from scoring.priority.grammar import (
 from scoring.priority.terms import (
     ceil_fraction,
     excess,
+    term_cleaning,
     term_dft,
     term_entropy,
     term_forgetting,
     term_highpass,
     term_importance,
     term_labels,
+    term_prift,
     term_rho1,
     term_student_entropy,
     term_topk,
@@ -105,6 +107,10 @@ def _evaluate(node: Node, cand: torch.Tensor, ctx: _Context) -> torch.Tensor:
             return term_importance(tokens, args)
         case "forgetting":
             return term_forgetting(tokens, args)
+        case "prift":
+            return term_prift(tokens, args)
+        case "cleaning":
+            return term_cleaning(tokens, args)
         case "rho1":
             return term_rho1(tokens, args, cand)
         case "dft":

@@ -56,6 +56,8 @@ SIGNATURES: dict[str, tuple[int, tuple[tuple[str, object, object], ...]]] = {
     "importance": (0, (("min", "number", 0.0), ("max", "number", 2.0), ("ref", "prefix", "ref"), ("base", "prefix", "base"))),
     "labels": (0, ()),  # free keyword arguments: label name = number
     "forgetting": (0, (("rho", "number", 0.7), ("threshold", "number", None), ("ref", "prefix", "ref"), ("base", "prefix", "base"))),
+    "prift": (0, (("alpha", "number", 1.0), ("source", "prefix", "ref"))),
+    "cleaning": (0, (("delta", "number", 0.1), ("ref", "prefix", "ref"), ("base", "prefix", "base"))),
     # online terms (the trainer supplies the student's statistics)
     "rho1": (0, (("k", "number", 0.6), ("scope", ("global", "micro"), "global"), ("ref", "prefix", "ref"))),
     "dft": (0, ()),
@@ -67,7 +69,7 @@ SIGNATURES: dict[str, tuple[int, tuple[tuple[str, object, object], ...]]] = {
     "switch": (2, (("at", "count", REQUIRED),)),
 }
 ONLINE_TERMS = ("rho1", "dft", "student_entropy")
-SELECTION_TERMS = ("highpass", "topk", "rho1", "forgetting")
+SELECTION_TERMS = ("highpass", "topk", "rho1", "forgetting", "cleaning")
 SCHEDULES = ("warmup", "ramp", "switch")
 STUDENT_COLUMNS = ("student_logprob", "student_entropy")
 _STUDENT_COLUMN = {"rho1": "student_logprob", "dft": "student_logprob", "student_entropy": "student_entropy"}  # what each online term reads
@@ -125,7 +127,7 @@ class Priority:
 
     @property
     def has_selection(self) -> bool:
-        """True when the spec contains a selection term: highpass, topk, rho1 or forgetting."""
+        """True when the spec contains a selection term: highpass, topk, rho1, forgetting or cleaning."""
         return contains_selection(self.root)
 
     @property
@@ -154,11 +156,13 @@ class Priority:
 
 _TOKEN = re.compile(r"(?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<name>[A-Za-z_][A-Za-z0-9_\-]*)|(?P<punct>[()*,=])")
 _PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
+MAX_NESTING = 32  # expression arguments inside expression arguments, e.g. warmup(clip(...)) is 2
 
 
 def spec_error(spec: str, pos: int, message: str, fix: str = "") -> PrioritySpecError:
-    caret = " " * pos + "^"
-    text = f"{message} (column {pos + 1} of the priority spec)\n  {spec}\n  {caret}"
+    # One line, one column per character (newlines and tabs as spaces, other unprintables as ?): the caret stays under pos.
+    shown = "".join(c if c.isprintable() else " " if c.isspace() else "?" for c in spec)
+    text = f"{message} (column {pos + 1} of the priority spec)\n  {shown}\n  {' ' * pos}^"
     return PrioritySpecError(text + (f"\n{fix}" if fix else ""))
 
 
@@ -182,13 +186,14 @@ def _describe(token: tuple[str, str, int]) -> str:
     return "the end of the spec" if token[0] == "end" else repr(token[1])
 
 
-def _parse_product(spec: str, tokens: list, i: int) -> tuple[Node, int]:
+def _parse_product(spec: str, tokens: list, i: int, depth: int = 0) -> tuple[Node, int]:
     start = tokens[i][2]
-    factors = []
-    node, i = _parse_factor(spec, tokens, i)
-    factors.append(node)
+    if depth > MAX_NESTING:  # every walk over the tree recurses: refuse before Python's recursion limit does
+        raise spec_error(spec, start, f"expressions nest more than {MAX_NESTING} levels deep", "write a flatter spec")
+    node, i = _parse_factor(spec, tokens, i, depth)
+    factors = [node]
     while tokens[i][0] == "*":
-        node, i = _parse_factor(spec, tokens, i + 1)
+        node, i = _parse_factor(spec, tokens, i + 1, depth)
         factors.append(node)
     return (factors[0] if len(factors) == 1 else Node("*", children=tuple(factors), pos=start)), i
 
@@ -200,7 +205,7 @@ def _parse_number(spec: str, token: tuple[str, str, int]) -> float:
     return value
 
 
-def _parse_factor(spec: str, tokens: list, i: int) -> tuple[Node, int]:
+def _parse_factor(spec: str, tokens: list, i: int, depth: int) -> tuple[Node, int]:
     kind, text, pos = tokens[i]
     if kind == "number":
         return Node("number", (("value", _parse_number(spec, tokens[i])),), pos=pos), i + 1
@@ -225,7 +230,7 @@ def _parse_factor(spec: str, tokens: list, i: int) -> tuple[Node, int]:
             else:
                 if keywords:
                     raise spec_error(spec, tokens[i][2], "an expression argument follows a keyword argument", "write expression arguments first, e.g. clip(EXPR, max=1)")
-                child, i = _parse_product(spec, tokens, i)
+                child, i = _parse_product(spec, tokens, i, depth + 1)
                 children.append(child)
             if tokens[i][0] == ",":
                 i += 1
@@ -316,6 +321,8 @@ def _check_values(spec: str, node: Node) -> None:
             raise bad(key, f"{key}={_fmt_number(args[key])} must be a fraction of tokens in (0, 1]", f"e.g. {key}=0.6")
     if node.name == "highpass" and args["min_nll"] < 0:
         raise bad("min_nll", "min_nll must be ≥ 0 nats (an NLL is never negative)")
+    if node.name == "cleaning" and args["delta"] < 0:
+        raise bad("delta", "delta must be ≥ 0 nats (it keeps s ≥ −delta)", "for a positive threshold on s use topk(threshold=...)")
     if "alpha" in args and args["alpha"] <= 0:
         raise bad("alpha", "alpha must be > 0")
     if "max_nats" in args and args["max_nats"] <= 0:
@@ -398,13 +405,13 @@ def _node_columns(node: Node) -> set[str]:
         return {"weight"}
     if node.name == "labels":
         return {"label"}
-    if node.name == "highpass":
+    if node.name in ("highpass", "prift"):
         return {f"{args['source']}_logprob"}
     if node.name == "entropy":
         return {f"{args['source']}_entropy"}
     if node.name == "topk" and args["score"] == "nll":
         return {f"{args['ref']}_logprob"}
-    if node.name in ("topk", "importance", "forgetting"):
+    if node.name in ("topk", "importance", "forgetting", "cleaning"):
         return {f"{args['ref']}_logprob", f"{args['base']}_logprob"}
     if node.name == "rho1":
         return {f"{args['ref']}_logprob"}

@@ -2,7 +2,7 @@
 
 Every function takes the flat token columns (`tokens`: 1-D tensors over N positions, see
 `evaluate_priority`) and the term's keyword arguments (`args`, every default filled in by the grammar)
-and returns a (N,) float32 tensor. Only positions in `cand` (selection terms: topk, rho1) or on the loss
+and returns a (N,) float32 tensor. Only positions in `cand` (selection terms that rank: topk, rho1) or on the loss
 mask count; `scoring.priority.evaluate` zeroes the rest. NLL = −logprob in nats.
 """
 
@@ -25,9 +25,15 @@ def excess(tokens: dict, args: dict) -> torch.Tensor:
 
 
 def ceil_fraction(fraction: float, counts: torch.Tensor) -> torch.Tensor:
-    """⌈fraction · counts⌉ exactly (int64): the float product 0.55 · 100 is 55.00000000000001."""
+    """⌈fraction · counts⌉ exactly (int64): the float product 0.55 · 100 is 55.00000000000001.
+
+    In Python integers, once per distinct count: k = 1.0000000000000003e-09 is 10000000000000003 / 10^25,
+    whose product with a count overflows int64.
+    """
     ratio = Fraction(repr(fraction))
-    return (counts * ratio.numerator + ratio.denominator - 1) // ratio.denominator
+    distinct, inverse = torch.unique(counts, return_inverse=True)
+    ceils = [-(-int(count) * ratio.numerator // ratio.denominator) for count in distinct.tolist()]
+    return torch.tensor(ceils, dtype=torch.int64, device=counts.device)[inverse]
 
 
 def _select_top(score: torch.Tensor, cand: torch.Tensor, fraction: float, group: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,6 +120,25 @@ def term_forgetting(tokens: dict, args: dict) -> torch.Tensor:
     candidates at +1. The paper's λ(step) ramp on the negative part is `ramp(...)`.
     """
     return torch.where(excess(tokens, args) >= args["threshold"], 1.0, -1.0)
+
+
+def term_prift(tokens: dict, args: dict) -> torch.Tensor:
+    """PriFT's frozen-reference probability weight (arXiv 2606.09396): Φ = p_source(x_t)^α = exp(α · source_logprob).
+
+    Φ ∈ (0, 1]: tokens the frozen reference finds likely weigh most, unlikely ones (often noise) fade
+    smoothly. Defaults alpha=1, source=ref; α → 0 approaches uniform, large α approaches a hard selection.
+    """
+    return torch.exp(args["alpha"] * tokens[f"{args['source']}_logprob"])
+
+
+def term_cleaning(tokens: dict, args: dict) -> torch.Tensor:
+    """Token Cleaning with a margin instead of a share (after Pang et al., arXiv 2502.01968): Φ = 1[s ≥ −δ].
+
+    s = NLL_base − NLL_ref (nats). A token is dropped only when the base model predicts it more than δ
+    nats better than the reference (default δ = 0.1), however many tokens that is; `topk` always drops
+    the fraction 1 − k. The same as topk(threshold=−δ), but with no k to pick and nothing to resolve.
+    """
+    return (excess(tokens, args) >= -args["delta"]).float()
 
 
 def term_rho1(tokens: dict, args: dict, cand: torch.Tensor) -> torch.Tensor:
