@@ -34,7 +34,6 @@ from scoring.shards import (
     open_shards,
     read_table,
     shard_index,
-    stat_prefixes_of,
     validate_table,
     summary_line,
     windows_table,
@@ -119,7 +118,8 @@ def check_reproduces(tokenizer, encodeds: list[Encoded], student: dict, names: l
     kept_offsets = np.concatenate([[0], np.cumsum(np.bincount(doc[has_chars], minlength=len(encodeds)))])
     kept_ids = ids[has_chars]
     pieces = [kept_ids[kept_offsets[d] : kept_offsets[d + 1]].tolist() for d in range(len(encodeds))]
-    decoded = tokenizer.batch_decode(pieces, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    # The backend's own decoder (what `decode` runs, minus transformers' per-id Python checks and space clean-up).
+    decoded = tokenizer.backend_tokenizer.decode_batch(pieces, skip_special_tokens=False)
     first = np.minimum.reduceat(np.where(has_chars, starts, np.iinfo(np.int64).max), offsets[:-1]) if len(ids) else []
     last = np.maximum.reduceat(np.where(has_chars, ends, -1), offsets[:-1]) if len(ids) else []
     for d, (text, encoded) in enumerate(zip(decoded, encodeds)):
@@ -173,7 +173,7 @@ def project_shards(cfg: ProjectConfig) -> dict:
         raise ValueError(f"--tokenizer {cfg.tokenizer}: not a fast tokenizer; character offsets need one (a tokenizer.json).")
     tokenizer.backend_tokenizer.no_truncation()  # a tokenizer.json saved with truncation (data/gpt2-tokenizer) never cuts a record here
     chat_template = Path(cfg.chat_template).read_text() if cfg.chat_template else None
-    prefixes = stat_prefixes_of(read_table(source.paths[0], validate=False).schema)
+    prefixes = source.stat_prefixes
     windowing = {"max_length": max_length, "n_context": n_context, "long_docs": "window"}
     metadata = corpus_metadata(
         tokenizer=tokenizer, tokenizer_name=cfg.tokenizer, chat_template=chat_template, windowing=windowing,

@@ -284,6 +284,29 @@ def test_a_student_trains_from_projected_shards(work, tmp_path):
             assert all(abs(m["selected_share"] - 0.6) < 0.02 for m in metrics)  # ⌈0.6·N⌉ by the projected ref_logprob
 
 
+def test_projected_shards_take_reweight_inspect_and_a_second_model(work, tmp_path):
+    from pipelines.add_model import AddModelConfig, add_model
+    from pipelines.inspect_shards import InspectConfig, inspect_shards
+    from pipelines.reweight import ReweightConfig, reweight
+
+    out = projected(work, "bpe2", "to-bpe2", max_length=40, n_context=8)
+    reweight(ReweightConfig(shards=str(out), priority="highpass(min_nll=16)", out=str(tmp_path / "rw")))
+    rw = pd.read_parquet(tmp_path / "rw")
+    for r in rw.itertuples():  # Φ from the projected ref_logprob, 0 off the mask even where a statistic is NaN there
+        expected = (np.asarray(r.loss_mask) & (-np.nan_to_num(np.asarray(r.ref_logprob), nan=0.0) > 16)).astype(np.float32)
+        np.testing.assert_array_equal(r.weight, expected)
+    summary = inspect_shards(InspectConfig(shards=out))
+    assert summary["trainable_tokens"] == open_shards(out).manifest["totals"]["targets"] and summary["documents"] == 36
+    assert np.isfinite(summary["models"]["ref"]["mean_nll"]) and summary["phi"]["negative_share"] > 0
+    base = tmp_path / "base"
+    tokenizer = AutoTokenizer.from_pretrained(work / "bpe2")
+    build_model(len(tokenizer), seed=2, hidden_size=64, layers=1).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    add_model(AddModelConfig(shards=str(out), scorer=ScorerConfig(model=str(base), batch_tokens=2048), prefix="base", out=str(tmp_path / "both")))
+    both = pd.read_parquet(tmp_path / "both")
+    assert all(np.isfinite(np.asarray(r.base_logprob)[1:]).all() for r in both.itertuples())
+
+
 # ----------------------------------------------------------------------------------------------
 # Schema 1.0 shards and bad inputs: a named error, and no output
 
