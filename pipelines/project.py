@@ -222,9 +222,9 @@ def project_shards(cfg: ProjectConfig) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(summary_line(manifest, out))
+    lost = ", ".join(f"{name} {nats:.3g}" for name, nats in carried["lost_target_logprob"].items()) or "none (no statistics)"
     print(f"projection: {carried['dropped_student_targets']} student targets without a reference target (made non-targets), "
-          f"{carried['lost_reference_targets']} reference targets not fully carried, target log-prob not carried (nats): "
-          + ", ".join(f"{name} {nats:.3g}" for name, nats in carried["lost_target_logprob"].items()))
+          f"{carried['lost_reference_targets']} reference targets not fully carried, target log-prob not carried (nats): {lost}")
     return manifest
 
 

@@ -258,7 +258,12 @@ def encode_chat(record: Record, tokenizer, chat_template: str | None) -> Encoded
     text = render_chat(tokenizer, messages, template, at)
     ids, starts, ends = tokenize_with_offsets(tokenizer, text, add_special_tokens=False)
     has_markers = GENERATION_MARKER.search(template) is not None
-    starts_in_text = content_starts(tokenizer, messages, template, text, at)  # also stored: the record's layout
+    try:  # also stored as the record's layout (for `tokenprio project`)
+        starts_in_text = content_starts(tokenizer, messages, template, text, at)
+    except InputError:
+        if not has_markers or record.data.get(record.fields.spans) is not None:
+            raise
+        starts_in_text = [None] * len(messages)  # a template that refuses placeholders: masks come from its markers
     if has_markers:
         mask = marker_mask(tokenizer, messages, template, ids)
     else:
