@@ -169,6 +169,26 @@ def reweight(
         fail(error)
 
 
+@app.command()
+def project(
+    shards: Annotated[str, typer.Argument(help="Scored shard folder (the reference's tokenizer).")],
+    tokenizer: Annotated[str, typer.Option(help="The student's tokenizer (local folder or hub id); a fast tokenizer that reproduces the text.")],
+    out: Annotated[str, typer.Option(help="New shard folder, tokenised for the student.")],
+    chat_template: Annotated[Optional[str], typer.Option(help="Jinja chat template file for chat records, instead of the student tokenizer's.")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Student tokens per row; longer records are re-windowed (default: the source's).")] = None,
+    context: Annotated[Optional[int], typer.Option(help="Tokens repeated (unmasked) at the start of each later window (default: the source's).")] = None,
+    phi_reduce: Annotated[str, typer.Option(help="Φ of a student token from the reference targets it overlaps: mean (overlap-weighted) | min | max; negative Φ always wins.")] = "mean",
+) -> None:
+    """Project scored shards onto another tokenizer through character offsets (no model): log-probs conserved, entropies and Φ by overlap."""
+    from pipelines.project import ProjectConfig, project_shards
+
+    try:
+        project_shards(ProjectConfig(shards=shards, tokenizer=tokenizer, out=out, chat_template=chat_template, max_length=max_length,
+                                     n_context=context, phi_reduce=phi_reduce))
+    except (ValueError, FileNotFoundError) as error:
+        fail(error)
+
+
 # ---- inspect ---------------------------------------------------------------------------------
 
 

@@ -117,7 +117,7 @@ def shard_records(records, records_per_shard: int):
 
 
 def encode_shard(records, tokenizer, cfg: ScoreConfig, chat_template: str | None):
-    """Encode and window a shard's records. Returns (rows, counts, skipped messages); rows are (doc_id, text, Window)."""
+    """Encode and window a shard's records. Returns (rows, counts, skipped messages); rows are (doc_id, Encoded, Window)."""
     rows, skipped, truncated, skipped_messages = [], 0, 0, []
     for record in records:
         try:
@@ -130,7 +130,7 @@ def encode_shard(records, tokenizer, cfg: ScoreConfig, chat_template: str | None
             skipped_messages.append(str(error))
             continue
         truncated += dropped
-        rows += [(record.doc_id, encoded.text, window) for window in windows]
+        rows += [(record.doc_id, encoded, window) for window in windows]
     counts = {"records": len(records), "skipped_records": skipped, "truncated_tokens": truncated}
     return rows, counts, skipped_messages
 

@@ -211,7 +211,7 @@ def write_shards(df: pd.DataFrame, like: str | Path, out: str | Path) -> dict:
         raise ValueError(f"write_shards: the frame has no rows; nothing to write to {out}.")
     # Per-shard facts of the source (its index, record counts, input_ids hash) do not describe the new shards.
     metadata = {key: value for key, value in source.metadata.items() if key != "shard"}
-    table = frame_to_table(df, shard_schema(source.stat_prefixes, metadata))
+    table = frame_to_table(df, shard_schema(source.stat_prefixes, metadata, record_fields=source.has_record_fields))
     validate_table(table, f"frame for {out}")
 
     entries = []

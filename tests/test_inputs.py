@@ -17,6 +17,7 @@ from scoring.inputs import (
     Encoded,
     FieldNames,
     InputError,
+    Layout,
     Record,
     check_inputs,
     encode_record,
@@ -335,7 +336,8 @@ def test_bad_chat_span_message_index(tokenizer):
 def synthetic(n_tokens: int) -> Encoded:
     """A record whose ids are their positions; every third token is not a target, position 0 never is."""
     mask = [t > 0 and t % 3 != 1 for t in range(n_tokens)]
-    return Encoded(list(range(n_tokens)), mask, [f"l{t}" for t in range(n_tokens)], "", list(range(n_tokens)), list(range(1, n_tokens + 1)))
+    layout = Layout(kind="text", segments=(("text", 0, n_tokens),), spans=())
+    return Encoded(list(range(n_tokens)), mask, [f"l{t}" for t in range(n_tokens)], "", list(range(n_tokens)), list(range(1, n_tokens + 1)), layout)
 
 
 @pytest.mark.parametrize("n_tokens, max_length, n_context", [(5, 8, 2), (8, 8, 2), (9, 8, 2), (30, 8, 3), (31, 8, 7), (30, 2, 1), (100, 16, 1)])

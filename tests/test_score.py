@@ -98,7 +98,7 @@ def test_shards_hold_reference_statistics_masks_and_labels(corpus, tmp_path, mod
     assert "quick" in "".join(plain.text[plain.char_start[i] : plain.char_end[i]] for i in labelled)
     # Metadata names the schema, tokenizer, model and spec.
     meta = json.loads(pq.read_schema(out / "part-00000.parquet").metadata[b"tokenprio"])
-    assert meta["schema_version"] == "1.0" and meta["priority"] == "uniform"
+    assert meta["schema_version"] == "1.1" and meta["priority"] == "uniform"
     assert meta["models"]["ref"]["backend"] == "hf" and meta["models"]["ref"]["entropy"] == "exact"
 
 

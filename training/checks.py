@@ -60,8 +60,8 @@ def check_student(shards: ShardSet, tokenizer, model_config, summary: CorpusSumm
     if tokenizer_fingerprint(tokenizer) != stored:
         raise ValueError(
             f"{model_path}: the student's tokenizer differs from the one the shards in {shards.folder} were tokenised with "
-            "(tokenizer fingerprints differ), so its token ids mean other tokens. Train a student that shares the scoring "
-            "tokenizer, or rescore the corpus with the student's tokenizer."
+            "(tokenizer fingerprints differ), so its token ids mean other tokens. Project the shards onto the student's tokenizer "
+            f"first (no model needed): `tokenprio project {shards.folder} --tokenizer {model_path} --out NEW`, then train on NEW."
         )
     context = getattr(model_config, "max_position_embeddings", None)
     if context is not None and summary.max_row_tokens > context:

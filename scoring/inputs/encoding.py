@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scoring.inputs.layout import Layout
 from scoring.inputs.readers import FieldNames, InputError, Record, surrogate_problem, where
 
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers detects {% generation %}
@@ -30,6 +31,7 @@ class Encoded:
     text: str  # the rendered text that char offsets index
     char_start: list[int]  # Python str index into `text`, -1 for tokens with no characters there
     char_end: list[int]
+    layout: Layout  # how `text` was built: kind, parts, label spans (stored in shards for `tokenprio project`)
 
 
 def tokenize_with_offsets(tokenizer, text: str, *, add_special_tokens: bool) -> tuple[list[int], list[int], list[int]]:
@@ -127,7 +129,8 @@ def encode_text(record: Record, tokenizer) -> Encoded:
     ids, starts, ends = tokenize_with_offsets(tokenizer, text, add_special_tokens=True)
     ids, starts, ends = ids + [eos_id(tokenizer)], starts + [-1], ends + [-1]
     mask = [start >= 0 for start in starts[:-1]] + [True]
-    return finish(ids, mask, labels_from_spans(spans, starts, ends, text, at), text, starts, ends)
+    layout = Layout(kind="text", segments=(("text", 0, len(text)),), spans=tuple(spans))
+    return finish(ids, mask, labels_from_spans(spans, starts, ends, text, at), text, starts, ends, layout)
 
 
 def encode_completion(record: Record, tokenizer) -> Encoded:
@@ -147,7 +150,8 @@ def encode_completion(record: Record, tokenizer) -> Encoded:
     ends = p_ends + [e + len(prompt) for e in c_ends] + [-1]
     mask = [False] * len(p_ids) + [True] * (len(c_ids) + 1)
     text = prompt + completion
-    return finish(ids, mask, labels_from_spans(spans, starts, ends, text, at), text, starts, ends)
+    layout = Layout(kind="completion", segments=(("prompt", 0, len(prompt)), ("completion", len(prompt), len(text))), spans=tuple(spans))
+    return finish(ids, mask, labels_from_spans(spans, starts, ends, text, at), text, starts, ends, layout)
 
 
 def chat_messages(record: Record) -> list[dict]:
@@ -263,8 +267,12 @@ def encode_chat(record: Record, tokenizer, chat_template: str | None) -> Encoded
     text = check_string(render_chat(tokenizer, messages, template, at), f"the chat rendered from {record.fields.messages!r}", at)
     ids, starts, ends = tokenize_with_offsets(tokenizer, text, add_special_tokens=False)
     has_markers = GENERATION_MARKER.search(template) is not None
-    needs_positions = not has_markers or record.data.get(record.fields.spans) is not None
-    starts_in_text = content_starts(tokenizer, messages, template, text, at) if needs_positions else None
+    try:  # also stored as the record's layout (for `tokenprio project`)
+        starts_in_text = content_starts(tokenizer, messages, template, text, at)
+    except InputError:
+        if not has_markers or record.data.get(record.fields.spans) is not None:
+            raise
+        starts_in_text = [None] * len(messages)  # a template that refuses placeholders: masks come from its markers
     if has_markers:
         mask = marker_mask(tokenizer, messages, template, ids)
     else:
@@ -272,13 +280,17 @@ def encode_chat(record: Record, tokenizer, chat_template: str | None) -> Encoded
     if not any(mask[1:]):
         raise InputError(f"{at}: the chat template marks no assistant token as a target; pass --chat-template with a template that renders assistant content.")
     spans = chat_spans(record, messages, starts_in_text, at)
-    return finish(ids, mask, labels_from_spans(spans, starts, ends, text, at), text, starts, ends)
+    segments = tuple(
+        (m["role"], start, start + len(m["content"])) if start is not None else (m["role"], -1, -1) for m, start in zip(messages, starts_in_text)
+    )
+    layout = Layout(kind="chat", segments=segments, spans=tuple(spans))
+    return finish(ids, mask, labels_from_spans(spans, starts, ends, text, at), text, starts, ends, layout)
 
 
-def finish(ids: list[int], mask: list[bool], labels: list[str | None], text: str, starts: list[int], ends: list[int]) -> Encoded:
+def finish(ids: list[int], mask: list[bool], labels: list[str | None], text: str, starts: list[int], ends: list[int], layout: Layout) -> Encoded:
     """Position 0 predicts nothing, so it is never a target."""
     assert len(ids) == len(mask) == len(labels) == len(starts) == len(ends), "token columns must align"
-    return Encoded(input_ids=ids, loss_mask=[False] + list(mask[1:]), label=labels, text=text, char_start=starts, char_end=ends)
+    return Encoded(input_ids=ids, loss_mask=[False] + list(mask[1:]), label=labels, text=text, char_start=starts, char_end=ends, layout=layout)
 
 
 def encode_record(record: Record, tokenizer, *, chat_template: str | None = None) -> Encoded:

@@ -1,4 +1,4 @@
-"""The shard contract (schema "1.0"): one scored corpus is a folder of `part-NNNNN.parquet` files plus
+"""The shard contract (schema "1.1"; 1.0 shards stay readable): one scored corpus is a folder of `part-NNNNN.parquet` files plus
 `_manifest.json` (docs/design.md "The shard contract").
 
 This package is the contract's only implementation; the commands call it and never write Parquet
@@ -8,8 +8,10 @@ metadata or manifests themselves:
     tables     tables built from scored windows, new statistics or Φ, row invariants, flat token views
     files      the atomic writer, a file's manifest entry, the validating reader, `open_shards`
     manifest   task manifests, `finalize`, the checksum a training run records
+    documents  records back from rows (each token once, with text and layout), for `tokenprio project`
 """
 
+from scoring.shards.documents import Documents, documents_of
 from scoring.shards.files import (
     ShardSet,
     load_manifest,
@@ -39,6 +41,7 @@ from scoring.shards.schema import (
     BASE_FIELDS,
     MANIFEST_NAME,
     METADATA_KEY,
+    RECORD_FIELDS,
     ROW_GROUP_TOKENS,
     SCHEMA_VERSION,
     STAT_SUFFIXES,
@@ -48,6 +51,7 @@ from scoring.shards.schema import (
     config_hash,
     corpus_metadata,
     encode_metadata,
+    has_record_fields,
     shard_index,
     shard_name,
     shard_schema,
@@ -67,15 +71,16 @@ from scoring.shards.tables import (
     validate_table,
     windows_table,
     with_statistics,
+    with_weight_values,
     with_weights,
 )
 
 __all__ = [
-    "BASE_FIELDS", "MANIFEST_NAME", "METADATA_KEY", "ROW_GROUP_TOKENS", "SCHEMA_VERSION", "STAT_SUFFIXES", "TOKEN_LIST_COLUMNS",
+    "BASE_FIELDS", "Documents", "MANIFEST_NAME", "METADATA_KEY", "RECORD_FIELDS", "ROW_GROUP_TOKENS", "SCHEMA_VERSION", "STAT_SUFFIXES", "TOKEN_LIST_COLUMNS",
     "ShardError", "ShardSet", "build_manifest", "check_schema_version", "complete_shard", "config_hash", "corpus_metadata",
-    "duplicated_mask", "encode_metadata", "finalize", "flat_token_columns", "input_ids_digest", "load_manifest", "manifest_checksum",
+    "documents_of", "duplicated_mask", "encode_metadata", "finalize", "flat_token_columns", "has_record_fields", "input_ids_digest", "load_manifest", "manifest_checksum",
     "open_shards", "read_metadata", "read_table", "row_group_slices", "row_lengths", "run_metadata", "sha256_file", "shard_entry", "shard_index",
     "shard_name", "shard_paths", "shard_schema", "spec_columns", "stat_columns", "stat_prefixes_of", "summary_line",
     "task_manifest_path", "tmp_name", "tokenizer_fingerprint", "unflatten", "validate_table", "windows_table", "with_metadata",
-    "with_statistics", "with_weights", "write_json_atomic", "write_manifest", "write_shard_file", "write_task_manifest", "write_text_atomic",
+    "with_statistics", "with_weight_values", "with_weights", "write_json_atomic", "write_manifest", "write_shard_file", "write_task_manifest", "write_text_atomic",
 ]

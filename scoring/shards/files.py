@@ -23,6 +23,7 @@ from scoring.shards.schema import (
     ROW_GROUP_TOKENS,
     ShardError,
     check_schema_version,
+    has_record_fields,
     shard_index,
     shard_name,
     spec_columns,
@@ -160,6 +161,11 @@ class ShardSet:
     @property
     def stat_prefixes(self) -> list[str]:
         return stat_prefixes_of(pq.read_schema(self.paths[0]))
+
+    @property
+    def has_record_fields(self) -> bool:
+        """Whether the shards carry the schema-1.1 record columns (how each `text` was built)."""
+        return has_record_fields(pq.read_schema(self.paths[0]))
 
     @property
     def spec_columns(self) -> set[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1 adds the record columns below; readers accept every 1.x
 METADATA_KEY = b"tokenprio"
 MANIFEST_NAME = "_manifest.json"
 ROW_GROUP_TOKENS = 1_000_000  # tokens per Parquet row group (the unit of shuffling and streaming)
@@ -33,6 +33,15 @@ BASE_FIELDS = [
     pa.field("text", pa.string()),
     pa.field("char_start", pa.list_(pa.int32())),
     pa.field("char_end", pa.list_(pa.int32())),
+]
+# Schema 1.1: how each record's `text` was built (record-level, repeated on every window like `text`), so
+# `tokenprio project` can rebuild the record for another tokenizer. Optional: 1.0 shards lack them.
+SEGMENT_TYPE = pa.struct([("role", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
+LABEL_SPAN_TYPE = pa.struct([("start", pa.int32()), ("end", pa.int32()), ("label", pa.string())])
+RECORD_FIELDS = [
+    pa.field("record_kind", pa.string()),  # text | completion | chat
+    pa.field("segments", pa.list_(SEGMENT_TYPE)),  # the record's parts in `text` (role, [start, end)); chat: one per message content
+    pa.field("label_spans", pa.list_(LABEL_SPAN_TYPE)),  # the input spans, as [start, end) offsets into `text`
 ]
 STAT_SUFFIXES = ("logprob", "entropy")
 TOKEN_LIST_COLUMNS = ("input_ids", "loss_mask", "weight", "label", "char_start", "char_end")
@@ -58,9 +67,15 @@ def spec_columns(stat_prefixes: list[str]) -> set[str]:
     return {"weight", "label"} | {name for prefix in stat_prefixes for name in stat_columns(prefix)}
 
 
-def shard_schema(stat_prefixes: list[str], metadata: dict) -> pa.Schema:
-    """The Arrow schema of a shard with the given statistic prefixes and `tokenprio` metadata."""
-    fields = list(BASE_FIELDS)
+def has_record_fields(schema: pa.Schema) -> bool:
+    """Whether a shard has the schema-1.1 record columns (`record_kind`, `segments`, `label_spans`)."""
+    return all(f.name in schema.names for f in RECORD_FIELDS)
+
+
+def shard_schema(stat_prefixes: list[str], metadata: dict, *, record_fields: bool = False) -> pa.Schema:
+    """The Arrow schema of a shard with the given statistic prefixes and `tokenprio` metadata (and, with
+    `record_fields`, the 1.1 record columns after the base columns)."""
+    fields = list(BASE_FIELDS) + (list(RECORD_FIELDS) if record_fields else [])
     for prefix in stat_prefixes:
         fields += [pa.field(name, pa.list_(pa.float32())) for name in stat_columns(prefix)]
     return pa.schema(fields, metadata={METADATA_KEY: encode_metadata(metadata)})
@@ -97,7 +112,7 @@ def check_schema_version(version: str, where: str) -> None:
     major = str(version).split(".")[0]
     if major != SCHEMA_VERSION.split(".")[0]:
         raise ShardError(
-            f"{where}: schema_version {version!r} is not readable by this tokenprio (it reads {SCHEMA_VERSION}). "
+            f"{where}: schema_version {version!r} is not readable by this tokenprio (it reads {SCHEMA_VERSION.split('.')[0]}.x). "
             "Rescore the corpus with this version, or use the tokenprio version that wrote it."
         )
 

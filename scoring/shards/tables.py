@@ -5,12 +5,13 @@ validated against the row invariants, and flattened into per-token tensors for �
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from scoring.shards.schema import BASE_FIELDS, TOKEN_LIST_COLUMNS, ShardError, shard_schema, stat_columns, stat_prefixes_of
+from scoring.shards.schema import BASE_FIELDS, METADATA_KEY, TOKEN_LIST_COLUMNS, ShardError, shard_schema, stat_columns, stat_prefixes_of
 
 
 def unflatten(values: np.ndarray, lengths: np.ndarray) -> pa.Array:
@@ -27,10 +28,12 @@ def row_lengths(table: pa.Table) -> np.ndarray:
 def windows_table(rows, stats, prefix: str | None, metadata: dict) -> pa.Table:
     """The Arrow table of one shard from its windows, `weight` all zero (see `with_weights`).
 
-    rows: (doc_id, text, Window) per row, in shard order. stats: per row (logprob, entropy) float32 arrays
-    of the row's length (scoring backends' output), or None for unscored shards; stored as `{prefix}_*`.
+    rows: (doc_id, Encoded, Window) per row, in shard order: the record's text and layout (the schema-1.1
+    record columns) come from the Encoded. stats: per row (logprob, entropy) float32 arrays of the row's
+    length (scoring backends' output), or None for unscored shards; stored as `{prefix}_*`.
     """
     windows = [w for _, _, w in rows]
+    layouts = [encoded.layout for _, encoded, _ in rows]
     lengths = np.array([len(w.input_ids) for w in windows], dtype=np.int64)
     columns = {
         "id": [f"{doc_id}:{w.window}" for doc_id, _, w in rows],
@@ -43,16 +46,19 @@ def windows_table(rows, stats, prefix: str | None, metadata: dict) -> pa.Table:
         "loss_mask": [w.loss_mask for w in windows],
         "weight": unflatten(np.zeros(int(lengths.sum()), dtype=np.float32), lengths),
         "label": [w.label for w in windows],
-        "text": [text for _, text, _ in rows],
+        "text": [encoded.text for _, encoded, _ in rows],
         "char_start": [w.char_start for w in windows],
         "char_end": [w.char_end for w in windows],
+        "record_kind": [layout.kind for layout in layouts],
+        "segments": [[{"role": role, "start": start, "end": end} for role, start, end in layout.segments] for layout in layouts],
+        "label_spans": [[{"start": start, "end": end, "label": label} for start, end, label in layout.spans] for layout in layouts],
     }
     prefixes = []
     if stats is not None:
         prefixes = [prefix]
         for name, values in zip(stat_columns(prefix), zip(*stats) if stats else ([], [])):
             columns[name] = unflatten(np.concatenate(values) if values else np.zeros(0), lengths)
-    schema = shard_schema(prefixes, metadata)
+    schema = shard_schema(prefixes, metadata, record_fields=True)
     arrays = {f.name: pa.array(columns[f.name], type=f.type) if isinstance(columns[f.name], list) else columns[f.name] for f in schema}
     return pa.table(arrays, schema=schema)
 
@@ -75,6 +81,12 @@ def with_weights(table: pa.Table, priority) -> pa.Table:
     tokens, label_names = flat_token_columns(table, sorted(priority.columns))
     phi = evaluate_priority(priority, tokens, label_names=label_names).numpy()  # (N,) float32
     return table.set_column(table.schema.get_field_index("weight"), "weight", unflatten(phi, row_lengths(table)))
+
+
+def with_weight_values(table: pa.Table, weight_rows) -> pa.Table:
+    """Replace the `weight` column by given per-row Φ values (float32 arrays of each row's length), e.g. projected Φ."""
+    column = unflatten(np.concatenate(weight_rows) if len(weight_rows) else np.zeros(0), row_lengths(table))
+    return table.set_column(table.schema.get_field_index("weight"), "weight", column)
 
 
 def input_ids_digest(table: pa.Table) -> str:
@@ -133,12 +145,15 @@ def validate_table(table: pa.Table, where: str) -> None:
             f"{where}: row {row} (id {ids[row]}), position {token - int(row_start[row])}: weight {weight[token]:.6g} where loss_mask is false; "
             "stored Φ is 0 off the mask (multiply the new weights by loss_mask)."
         )
-    # Position 0 of each row predicts nothing; statistics are defined (finite) at every t >= 1.
+    # Position 0 of each row predicts nothing; statistics are defined (finite) at every t >= 1, except, in
+    # projected shards, off the loss mask where the reference has no statistic for those characters.
     first = np.zeros(len(mask), dtype=bool)
     first[row_start[:-1][lengths > 0]] = True
+    projected = "projection" in json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
+    exempt = first | (~mask.astype(bool) if projected else False)
     for name in float_columns:
         values = pc.list_flatten(table.column(name)).to_numpy(zero_copy_only=False)
-        invalid = ~np.isfinite(values) & ~first if name != "weight" else ~np.isfinite(values)
+        invalid = ~np.isfinite(values) & ~exempt if name != "weight" else ~np.isfinite(values)
         if invalid.any():
             token = int(np.nonzero(invalid)[0][0])
             row = int(row_of_token[token])
