@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from conftest import build_tokenizer
 from pipelines.demo.data import build_tokenizer as build_char_tokenizer
 from scoring.inputs import Encoded, FieldNames, InputError, check_inputs, encode_record, iter_records, split_windows, where
+from scoring.inputs.layout import Layout
 from scoring.inputs.readers import make_record
 
 FUZZ = settings(
@@ -410,7 +411,8 @@ def test_windows_of_any_length_cover_every_target_exactly_once(n_tokens, windows
     """split_windows alone, on synthetic encodings: ids are positions, targets and labels at random."""
     mask = [False] + [random.random() < 0.7 for _ in range(n_tokens - 1)]
     labels = [random.choice([None, "toxic"]) for _ in range(n_tokens)]
-    encoded = Encoded(list(range(n_tokens)), mask, labels, "", list(range(n_tokens)), list(range(1, n_tokens + 1)))
+    layout = Layout(kind="text", segments=(("text", 0, n_tokens),), spans=())
+    encoded = Encoded(list(range(n_tokens)), mask, labels, "x" * n_tokens, list(range(n_tokens)), list(range(1, n_tokens + 1)), layout)
     check_windows(encoded, *windows)
 
 
