@@ -204,7 +204,7 @@ def train(
     neg_loss: Annotated[str, typer.Option(help="Loss on Φ < 0 tokens: clip | unlikelihood | none (unbounded) | npo | refclip (docs/priority.md, \"Loss options\").")] = "clip",
     neg_clip_nats: Annotated[Optional[float], typer.Option(help="clip: stop ascent once a token's NLL reaches this many nats (default ln V).")] = None,
     neg_ramp: Annotated[int, typer.Option(help="Steps over which negative Φ ramps linearly from 0.")] = 0,
-    neg_ref: Annotated[Optional[str], typer.Option(help="Statistics prefix whose stored log-prob npo, refclip and --anchor-kl compare with (default ref), typically the student's starting checkpoint scored with `add-model --prefix ref`.")] = None,
+    neg_ref: Annotated[Optional[str], typer.Option(help="Statistics prefix whose stored log-prob npo, refclip and --anchor-kl compare with (default ref), typically the student's starting checkpoint (e.g. added with `add-model --prefix base`, then --neg-ref base).")] = None,
     npo_beta: Annotated[Optional[float], typer.Option(help="npo: β of token-level NPO, |Φ|·(2/β)·softplus(β(log p − log p_ref)) (arXiv 2404.05868; default 1.0); its push 2σ(β(log p − log p_ref)) fades once a token is less likely than under --neg-ref.")] = None,
     refclip_nats: Annotated[Optional[float], typer.Option(help="refclip: δ (default 3.0); ascent (Φ·ℓ) only while ℓ < ℓ_ref + δ nats, then 0.")] = None,
     anchor_kl: Annotated[float, typer.Option(help="α of ASFT's anchor (arXiv 2509.23753): adds α·k3, k3 = e^u − u − 1, u = log p_ref − log p, on Φ > 0 tokens, divided by the run's Z; 0 = off, the paper uses 0.05–0.1. ASFT = --priority dft --anchor-kl 0.1.")] = 0.0,

@@ -164,15 +164,22 @@ def test_scaling_phi_changes_nothing_under_abs_weight(shards, tokenizer, label_n
     assert_grads_close(scaled, base, rtol=1e-5)
 
 
-def test_gradient_accumulation_equals_one_large_batch(shards, tokenizer, label_names):
+@pytest.mark.parametrize("batching", ["packed", "sorted"])
+def test_gradient_accumulation_equals_one_large_batch(shards, tokenizer, label_names, batching):
+    """Three micro-batches accumulated = one micro-batch holding all their rows (packed: all their sequences)."""
     model = fresh_model(tokenizer)
-    mbs = micro_batches(shards, label_names, count=3)
+    mbs = micro_batches(shards, label_names, count=3, batching=batching)
     # The same rows as one micro-batch: the plan's row indices of the first window (one group here).
     groups = row_groups(open_shards(shards))
-    plan = window_plan(groups, epoch_windows(len(groups), 0, 0, 1)[0], 0, 0, 0, Layout("sorted", 160))
+    plan = window_plan(groups, epoch_windows(len(groups), 0, 0, 1)[0], 0, 0, 0, layout_of(batching, 160, groups))
     table = read_groups(groups, sorted({"input_ids", "loss_mask", *COLUMNS}))
     rows = np.concatenate([bucket.rows for bucket in plan[:3]])
-    big = make_micro_batch(table.take(rows), 0, COLUMNS, label_names)
+    sequence = None
+    if batching == "packed":  # renumber the three buckets' sequences one after the other
+        offsets = np.cumsum([0] + [int(b.sequence[-1]) + 1 for b in plan[:2]])
+        sequence = np.concatenate([b.sequence + o for b, o in zip(plan[:3], offsets)])
+    big = make_micro_batch(table.take(rows), 0, COLUMNS, label_names, sequence)
+    assert big.rows == sum(mb.rows for mb in mbs) and big.input_ids.shape[0] == sum(mb.input_ids.shape[0] for mb in mbs)
     for normalize in ("tokens", "per_sign"):
         settings = settings_for("stored", normalize, label_names, neg_loss="clip", clip_nats=8.0)
         accumulated, loss_a = our_gradient(model, mbs, settings)

@@ -104,6 +104,8 @@ def make_micro_batch(table: pa.Table, index: int, columns: list[str], label_name
     lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
     packed = sequence is not None
     sequence = np.asarray(sequence, dtype=np.int64) if packed else np.arange(len(lengths))
+    if len(sequence) != len(lengths) or (np.diff(sequence) < 0).any():
+        raise ValueError("make_micro_batch: `sequence` must give one nondecreasing packed sequence per row (rows sequence-major).")
     fill = np.bincount(sequence, weights=lengths).astype(np.int64)  # (B,) real tokens per sequence
     batch, width = len(fill), int(fill.max())
     real = np.arange(width)[None, :] < fill[:, None]  # (B, T) bool; rows of a sequence are contiguous from column 0
