@@ -8,7 +8,8 @@ with the GPT-2 tokenizer in data/gpt2-tokenizer/ by `tokenprio score --tokenizer
 the answer), plus a copy with random signed Φ. The repository ships 2,000 GSM8K training records (the default
 --records); a larger --records reads those 2,000 (and says so).
 
-Methods, each (method, round) in a fresh subprocess so its peak RSS (ru_maxrss) is its own, alternating:
+All methods see the same padded, length-sorted micro-batches (`--batching sorted`; bench/bench_batching.py compares
+the batchings). Methods, each (method, round) in a fresh subprocess so its peak RSS (ru_maxrss) is its own, alternating:
   tokenprio_weighted  `train()` with --priority stored on random signed Φ (per_sign, neg-loss clip)
   tokenprio_uniform   `train()` with --priority uniform on the same shards (ordinary SFT)
   bare                the same micro-batches: model(...).logits over all positions, masked cross-entropy,
@@ -127,10 +128,12 @@ def signed_copy(source: Path, out: Path, seed: int = 0) -> Path:
 def plan_batches(shards: Path, steps: int, batch_tokens: int):
     """The micro-batches tokenprio's trainer consumes in its first `steps` steps (grad_accum 1, one process)."""
     from scoring.shards import open_shards
+    from training.batching import Layout
     from training.data import iter_epoch, row_groups
 
     groups = row_groups(open_shards(shards))
-    batches = iter_epoch(groups, seed=0, epoch=0, window_groups=4, batch_tokens=batch_tokens, columns=["weight"],
+    # --batching sorted (padded rows), as in the train() runs below: every method sees the same padded micro-batches.
+    batches = iter_epoch(groups, seed=0, epoch=0, window_groups=4, layout=Layout("sorted", batch_tokens), columns=["weight"],
                          label_names=[], rank=0, world_size=1)
     return [next(batches) for _ in range(steps)]
 
@@ -144,7 +147,8 @@ def run_tokenprio(shards: Path, model: Path, out: Path, priority: str, steps: in
     for name, n in (("short", 1), ("long", 1 + steps)):
         shutil.rmtree(out / name, ignore_errors=True)
         started = time.process_time()
-        train(TrainConfig(shards=shards, model=model, out=out / name, priority=priority, steps=n, batch_tokens=batch_tokens, dtype="float32"))
+        train(TrainConfig(shards=shards, model=model, out=out / name, priority=priority, steps=n, batch_tokens=batch_tokens, dtype="float32",
+                          batching="sorted"))
         cpu.append(time.process_time() - started)
     rows = [json.loads(line) for line in (out / "long" / "metrics.jsonl").read_text().splitlines()][1:]
     return {"tokens": sum(r["input_tokens"] for r in rows), "seconds": sum(r["step_seconds"] for r in rows), "cpu_seconds": cpu[1] - cpu[0]}
@@ -227,7 +231,7 @@ def run_alternating_steps(shards: Path, model_dir: Path, steps: int, batch_token
     from scoring.priority import default_normalize, parse_priority
     from scoring.stats import DEFAULT_LOGITS_BUDGET_BYTES, chunk_rows_for_budget
     from training.distributed import Dist
-    from training.loss import normalizer
+    from training.loss import TokenLoss, normalizer
     from training.step import StepSettings, StudentLoss, accumulate_step
     from training.train import apply_update
 
@@ -242,7 +246,7 @@ def run_alternating_steps(shards: Path, model_dir: Path, steps: int, batch_token
         priority = parse_priority(spec)
         settings = StepSettings(priority=priority, normalize=default_normalize(priority), neg_ramp_steps=0, prepass=False,
                                 with_entropy=False, label_names=[], device=torch.device("cpu"))
-        core = StudentLoss(models[name], chunk_rows, None, neg_loss="clip", clip_nats=math.log(vocab))
+        core = StudentLoss(models[name], chunk_rows, None, TokenLoss(neg_loss="clip", clip_nats=math.log(vocab)))
         result = accumulate_step(core, core, [mb], settings, 0, one)
         apply_update(models[name], optimizers[name], normalizer(result.counts, settings.normalize), 1.0, one, print, 0)
         optimizers[name].zero_grad(set_to_none=True)

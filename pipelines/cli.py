@@ -221,14 +221,19 @@ def train(
     out: Annotated[Path, typer.Option(help="Run folder: config.json, metrics.jsonl, checkpoint-NNNNNN/.")],
     priority: Annotated[str, typer.Option(help="Φ spec (docs/priority.md); 'stored' = the shards' weight column.")] = "stored",
     normalize: Annotated[Optional[str], typer.Option(help="Z: tokens | selected | abs_weight | per_sign (default: implied by --priority).")] = None,
-    neg_loss: Annotated[str, typer.Option(help="Loss on Φ < 0 tokens: clip | unlikelihood | none (unbounded).")] = "clip",
+    neg_loss: Annotated[str, typer.Option(help="Loss on Φ < 0 tokens: clip | unlikelihood | none (unbounded) | npo | refclip (docs/priority.md, \"Loss options\").")] = "clip",
     neg_clip_nats: Annotated[Optional[float], typer.Option(help="clip: stop ascent once a token's NLL reaches this many nats (default ln V).")] = None,
     neg_ramp: Annotated[int, typer.Option(help="Steps over which negative Φ ramps linearly from 0.")] = 0,
+    neg_ref: Annotated[Optional[str], typer.Option(help="Statistics prefix whose stored log-prob npo, refclip and --anchor-kl compare with (default ref), typically the student's starting checkpoint (e.g. added with `add-model --prefix base`, then --neg-ref base).")] = None,
+    npo_beta: Annotated[Optional[float], typer.Option(help="npo: β of token-level NPO, |Φ|·(2/β)·softplus(β(log p − log p_ref)) (arXiv 2404.05868; default 1.0); its push 2σ(β(log p − log p_ref)) fades once a token is less likely than under --neg-ref.")] = None,
+    refclip_nats: Annotated[Optional[float], typer.Option(help="refclip: δ (default 3.0); ascent (Φ·ℓ) only while ℓ < ℓ_ref + δ nats, then 0.")] = None,
+    anchor_kl: Annotated[float, typer.Option(help="α of ASFT's anchor (arXiv 2509.23753): adds α·k3, k3 = e^u − u − 1, u = log p_ref − log p, on Φ > 0 tokens, divided by the run's Z; 0 = off, the paper uses 0.05–0.1. ASFT = --priority dft --anchor-kl 0.1.")] = 0.0,
+    batching: Annotated[str, typer.Option(help="packed (rows drawn at random, packed into sequences as long as the longest row, attention kept inside each row; no sorting) | grouped (length-sorted inside random mega-batches of ~50 micro-batches) | sorted (whole window sorted by length: least padding, but each micro-batch holds one length).")] = "packed",
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default: --epochs full passes).")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the corpus when --steps is not given.")] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate (warm-up, then cosine decay).")] = 3e-4,
     warmup_ratio: Annotated[float, typer.Option(help="Share of the steps spent warming up.")] = 0.05,
-    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per micro-batch.")] = 8192,
+    batch_tokens: Annotated[int, typer.Option(help="Tokens per micro-batch including padding (packed: sequences × the longest row's length).")] = 8192,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per process per optimizer step.")] = 1,
     seed: Annotated[int, typer.Option(help="Data order (and initial weights for a config-only student).")] = 0,
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 (autocast; master weights and the output layer stay float32). auto: bfloat16 on a CUDA GPU that supports it, else float32.")] = "auto",
@@ -241,7 +246,8 @@ def train(
     try:
         cfg = TrainConfig(
             shards=shards, model=model, out=out, priority=priority, normalize=normalize, neg_loss=neg_loss,
-            neg_clip_nats=neg_clip_nats, neg_ramp=neg_ramp, steps=steps, epochs=epochs, lr=lr, warmup_ratio=warmup_ratio,
+            neg_clip_nats=neg_clip_nats, neg_ramp=neg_ramp, neg_ref=neg_ref, npo_beta=npo_beta, refclip_nats=refclip_nats,
+            anchor_kl=anchor_kl, batching=batching, steps=steps, epochs=epochs, lr=lr, warmup_ratio=warmup_ratio,
             batch_tokens=batch_tokens, grad_accum=grad_accum, seed=seed, dtype=dtype, save_every=save_every, resume=resume,
         )
         typer.echo(run_train(cfg))

@@ -68,9 +68,14 @@ def token_stats(
     return torch.cat(logprobs), torch.cat(entropies)
 
 
-def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, D) final hidden states (after the final norm) without computing the (B, T, V) logits."""
-    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, D) final hidden states (after the final norm) without computing the (B, T, V) logits.
+
+    Packed sequences pass attention_mask=None and position ids that restart at 0 for each row: transformers
+    then builds a block-diagonal causal mask from the position ids (masking_utils.find_packed_sequence_indices),
+    which it skips whenever a cache or a 2-D attention mask is given, hence use_cache=False.
+    """
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """Two processes under torchrun (DDP, gloo) give the same training as one process over the same global batches.
 
 One process with --grad-accum 2 and two processes with --grad-accum 1 consume the same micro-batches per step
-(micro-batch j goes to rank j mod W), so their weights must agree up to float32 reduction order.
+(micro-batch j goes to rank j mod W), so their weights must agree up to float32 reduction order. Both use the
+default batching (packed).
 Run: pytest tests/test_train_ddp.py
 """
 
@@ -48,7 +49,8 @@ def test_two_process_ddp_equals_one_process(setup, world_size):
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world_size),
                           "--no-python", TOKENPRIO, *args(shards, student, root / "ddp", 1)], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert json.loads((root / "ddp" / "config.json").read_text())["world_size"] == world_size
+    record = json.loads((root / "ddp" / "config.json").read_text())
+    assert record["world_size"] == world_size and record["config"]["batching"] == "packed"  # the default layout
     one = load_file(root / "one" / "checkpoint-000004" / "model.safetensors")
     two = load_file(root / "ddp" / "checkpoint-000004" / "model.safetensors")
     initial = load_file(student / "model.safetensors")

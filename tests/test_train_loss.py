@@ -13,10 +13,11 @@ from train_shards import write_shards
 
 from scoring.priority import parse_priority
 from scoring.shards import open_shards
+from training.batching import Layout
 from training.data import epoch_windows, iter_epoch, make_micro_batch, read_groups, row_groups, window_plan
 from training.distributed import Dist
 from training.head import fused_weighted_head
-from training.loss import normalizer, token_terms
+from training.loss import LossWeights, TokenLoss, normalizer, token_terms
 from training.step import StepSettings, StudentLoss, accumulate_step, global_priority, needs_prepass
 
 ONE = Dist(rank=0, world_size=1, local_rank=0)
@@ -33,9 +34,15 @@ def label_names():
     return ["toxic"]
 
 
-def micro_batches(shards, label_names, batch_tokens=160, count=2):
+def layout_of(batching: str, batch_tokens: int, groups) -> Layout:
+    """The trainer's layout: packed sequences as long as the corpus's longest row."""
+    longest = max(int(read_groups([g], ["n_tokens"]).column("n_tokens").to_numpy().max()) for g in groups)
+    return Layout(batching, batch_tokens, longest if batching == "packed" else 0)
+
+
+def micro_batches(shards, label_names, batch_tokens=160, count=2, batching="sorted"):
     groups = row_groups(open_shards(shards))
-    it = iter_epoch(groups, seed=0, epoch=0, window_groups=1, batch_tokens=batch_tokens, columns=COLUMNS,
+    it = iter_epoch(groups, seed=0, epoch=0, window_groups=1, layout=layout_of(batching, batch_tokens, groups), columns=COLUMNS,
                     label_names=label_names, rank=0, world_size=1)
     return [next(it) for _ in range(count)]
 
@@ -49,7 +56,7 @@ def settings_for(spec, normalize, label_names, neg_loss="none", clip_nats=1e9, r
     settings = StepSettings(priority=priority, normalize=normalize, neg_ramp_steps=ramp,
                             prepass=needs_prepass(priority, normalize) if prepass is None else prepass,
                             with_entropy=False, label_names=label_names, device=torch.device("cpu"))
-    return settings, {"neg_loss": neg_loss, "clip_nats": clip_nats}
+    return settings, {"loss": TokenLoss(neg_loss=neg_loss, clip_nats=clip_nats)}
 
 
 def our_gradient(model, mbs, settings_and_loss, step=0):
@@ -66,7 +73,7 @@ def reference_terms(model64, mbs):
     """float64 log p(x_t) at every flat position of every micro-batch, from the model's full logits."""
     out = []
     for mb in mbs:
-        logits = model64(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits  # (B, T, V) float64
+        logits = model64(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids, use_cache=False).logits  # (B, T, V) float64
         logp = torch.log_softmax(logits, -1).flatten(0, 1)[mb.hidden_index]  # (N, V)
         out.append(logp.gather(-1, mb.targets[:, None]).squeeze(-1))
     return out
@@ -111,12 +118,14 @@ def assert_grads_close(ours, ref, rtol=2e-4):
 
 
 @pytest.mark.parametrize(
-    "normalize,neg_loss",
-    [("tokens", "none"), ("selected", "clip"), ("abs_weight", "unlikelihood"), ("per_sign", "clip"), ("per_sign", "none")],
+    "normalize,neg_loss,batching",
+    [("tokens", "none", "sorted"), ("selected", "clip", "sorted"), ("abs_weight", "unlikelihood", "sorted"), ("per_sign", "clip", "sorted"),
+     ("per_sign", "none", "sorted"), ("tokens", "none", "packed"), ("per_sign", "clip", "packed"), ("abs_weight", "unlikelihood", "grouped")],
 )
-def test_weighted_loss_matches_float64_reference(shards, tokenizer, label_names, normalize, neg_loss):
+def test_weighted_loss_matches_float64_reference(shards, tokenizer, label_names, normalize, neg_loss, batching):
     model = fresh_model(tokenizer)
-    mbs = micro_batches(shards, label_names)
+    mbs = micro_batches(shards, label_names, batching=batching)
+    assert batching != "packed" or all(mb.rows > mb.input_ids.shape[0] for mb in mbs)  # several rows share a sequence
     weights = [mb.tokens["weight"] for mb in mbs]
     assert all((w < 0).any() for w in weights) and all((w > 0).any() for w in weights)
     # A clip threshold at the median NLL, so that both branches of the clip are exercised.
@@ -155,15 +164,22 @@ def test_scaling_phi_changes_nothing_under_abs_weight(shards, tokenizer, label_n
     assert_grads_close(scaled, base, rtol=1e-5)
 
 
-def test_gradient_accumulation_equals_one_large_batch(shards, tokenizer, label_names):
+@pytest.mark.parametrize("batching", ["packed", "sorted"])
+def test_gradient_accumulation_equals_one_large_batch(shards, tokenizer, label_names, batching):
+    """Three micro-batches accumulated = one micro-batch holding all their rows (packed: all their sequences)."""
     model = fresh_model(tokenizer)
-    mbs = micro_batches(shards, label_names, count=3)
+    mbs = micro_batches(shards, label_names, count=3, batching=batching)
     # The same rows as one micro-batch: the plan's row indices of the first window (one group here).
     groups = row_groups(open_shards(shards))
-    plan = window_plan(groups, epoch_windows(len(groups), 0, 0, 1)[0], 0, 0, 0, 160)
+    plan = window_plan(groups, epoch_windows(len(groups), 0, 0, 1)[0], 0, 0, 0, layout_of(batching, 160, groups))
     table = read_groups(groups, sorted({"input_ids", "loss_mask", *COLUMNS}))
-    rows = np.concatenate(plan[:3])
-    big = make_micro_batch(table.take(rows), 0, COLUMNS, label_names)
+    rows = np.concatenate([bucket.rows for bucket in plan[:3]])
+    sequence = None
+    if batching == "packed":  # renumber the three buckets' sequences one after the other
+        offsets = np.cumsum([0] + [int(b.sequence[-1]) + 1 for b in plan[:2]])
+        sequence = np.concatenate([b.sequence + o for b, o in zip(plan[:3], offsets)])
+    big = make_micro_batch(table.take(rows), 0, COLUMNS, label_names, sequence)
+    assert big.rows == sum(mb.rows for mb in mbs) and big.input_ids.shape[0] == sum(mb.input_ids.shape[0] for mb in mbs)
     for normalize in ("tokens", "per_sign"):
         settings = settings_for("stored", normalize, label_names, neg_loss="clip", clip_nats=8.0)
         accumulated, loss_a = our_gradient(model, mbs, settings)
@@ -201,7 +217,7 @@ def test_token_terms_and_slopes_match_autograd():
     """Terms by hand; slopes ∂t/∂log p against float64 autograd of the same formulas."""
     logprob = torch.tensor([0.0, -1e-9, -0.5, -3.0, -50.0, -0.2, -7.0])
     weight = torch.tensor([-1.0, -1.0, -2.0, -1.0, -1.0, 1.5, 0.0])
-    terms, slopes, _ = token_terms(logprob, weight, neg_loss="unlikelihood", clip_nats=5.0)
+    terms, slopes, _ = token_terms(logprob, weight, TokenLoss(neg_loss="unlikelihood", clip_nats=5.0))
     expected = [-math.log(1e-6), -math.log(1e-6), 2 * -math.log(1 - math.exp(-0.5)), -math.log(1 - math.exp(-3.0)), 0.0, 0.3, 0.0]
     torch.testing.assert_close(terms.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-6)
     lp = logprob.double().requires_grad_(True)
@@ -212,11 +228,11 @@ def test_token_terms_and_slopes_match_autograd():
     assert torch.isfinite(slopes).all() and slopes[0] == 0  # p capped at 1 − 1e-6: no gradient there
     # clip: Φ·ℓ below c, 0 from c on (slope 0 there)
     logprob = torch.tensor([-1.0, -4.9, -5.0, -9.0])
-    terms, slopes, clipped = token_terms(logprob, torch.full((4,), -2.0), neg_loss="clip", clip_nats=5.0)
+    terms, slopes, clipped = token_terms(logprob, torch.full((4,), -2.0), TokenLoss(neg_loss="clip", clip_nats=5.0))
     torch.testing.assert_close(terms, torch.tensor([-2.0, -9.8, 0.0, 0.0]))
     assert clipped.tolist() == [False, False, True, True]
     assert slopes.tolist() == [2.0, 2.0, 0.0, 0.0]
-    terms, slopes, _ = token_terms(logprob, torch.full((4,), -2.0), neg_loss="none", clip_nats=5.0)
+    terms, slopes, _ = token_terms(logprob, torch.full((4,), -2.0), TokenLoss(neg_loss="none", clip_nats=5.0))
     assert slopes.tolist() == [2.0] * 4 and terms.tolist() == pytest.approx([-2.0, -9.8, -10.0, -18.0])
 
 
@@ -239,7 +255,7 @@ def test_fused_head_equals_autograd_through_token_stats(neg_loss):
     negative = {"clip": phi * nll * (nll < clip).detach(), "unlikelihood": phi.abs() * -torch.log(-torch.expm1(capped)), "none": phi * nll}[neg_loss]
     reference = torch.where(phi < 0, negative, phi * nll).sum()
     ref_grads = torch.autograd.grad(reference, [hidden, head.weight, head.bias])
-    ours, our_logprob, _ = fused_weighted_head(head, hidden, targets, phi, neg_loss=neg_loss, clip_nats=clip, chunk_rows=5)
+    ours, our_logprob, _ = fused_weighted_head(head, hidden, targets, LossWeights(phi, None), loss=TokenLoss(neg_loss=neg_loss, clip_nats=clip), chunk_rows=5)
     our_grads = torch.autograd.grad(2.0 * ours, [hidden, head.weight, head.bias])
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(our_logprob, logprob.detach(), rtol=1e-6, atol=1e-6)
@@ -280,7 +296,7 @@ def test_negative_phi_raises_negative_nll_and_lowers_positive_nll(tmp_path, toke
     cols["label"] = [["toxic" if (i % 6 == 1 and m) else None for m in mask] for i, mask in enumerate(cols["loss_mask"])]
     rows = write_shards(tmp_path / "s2", tokenizer, n_rows=12, n_shards=1, rows_override={"label": cols["label"]})
     groups = row_groups(open_shards(rows))
-    mbs = list(iter_epoch(groups, seed=0, epoch=0, window_groups=1, batch_tokens=4096, columns=COLUMNS, label_names=["toxic"], rank=0, world_size=1))
+    mbs = list(iter_epoch(groups, seed=0, epoch=0, window_groups=1, layout=Layout("sorted", 4096), columns=COLUMNS, label_names=["toxic"], rank=0, world_size=1))
     assert len(mbs) == 1
     for neg_loss in ("clip", "unlikelihood", "none"):
         model = fresh_model(tokenizer)

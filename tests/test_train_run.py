@@ -23,6 +23,7 @@ from train_shards import make_rows, shard_metadata, write_shards
 
 from scoring.priority import PrioritySpecError, default_normalize, parse_priority
 from scoring.shards import ShardError, manifest_checksum, open_shards
+from training.batching import Layout
 from training.data import iter_epoch, row_groups
 from training.loss import ramp_negative
 from training.train import TrainConfig, TrainConfigError, train
@@ -91,7 +92,9 @@ def test_schedule_values_follow_the_trainer_step(shards, student, tmp_path, spec
     train(config(shards, student, tmp_path / "run", priority=spec, normalize="abs_weight", steps=4))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     groups = row_groups(open_shards(shards))
-    mbs = iter_epoch(groups, seed=0, epoch=0, window_groups=4, batch_tokens=160, columns=["weight"], label_names=[], rank=0, world_size=1)
+    longest = json.loads((tmp_path / "run" / "config.json").read_text())["pack_tokens"]  # the default batching packs
+    mbs = iter_epoch(groups, seed=0, epoch=0, window_groups=4, layout=Layout("packed", 160, longest), columns=["weight"], label_names=[],
+                     rank=0, world_size=1)
     for step, (row, mb) in enumerate(zip(rows, mbs)):
         expected = expected_phi(spec, step, mb.tokens).abs().sum().item()
         assert row["z"] == pytest.approx(expected, rel=1e-5), (step, row["z"], expected)
@@ -174,6 +177,20 @@ def test_existing_run_needs_resume(tmp_path, shards, student):
         train(config(shards, student, tmp_path / "run", steps=1, lr=1e-3, resume=True))
 
 
+def test_run_saved_before_the_batching_option_resumes_as_sorted(tmp_path, shards, student):
+    """A config.json written before --batching and the new loss options existed was a length-sorted run without an
+    anchor: it resumes with --batching sorted and is refused with the new default."""
+    train(config(shards, student, tmp_path / "run", steps=1, batching="sorted"))
+    path = tmp_path / "run" / "config.json"
+    record = json.loads(path.read_text())
+    for key in ("batching", "anchor_kl", "neg_ref", "npo_beta", "refclip_nats"):
+        del record["config"][key]
+    path.write_text(json.dumps(record))
+    assert train(config(shards, student, tmp_path / "run", steps=1, batching="sorted", resume=True)).name == "checkpoint-000001"
+    with pytest.raises(ValueError, match=r"cannot resume.*\(batching\)"):
+        train(config(shards, student, tmp_path / "run", steps=1, resume=True))
+
+
 # ---- kill -9 and resume ---------------------------------------------------------------------------
 
 
@@ -204,6 +221,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, shards, stude
     def lines(run: Path) -> list[dict]:
         return [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
 
+    assert json.loads((whole / "config.json").read_text())["config"]["batching"] == "packed"  # the default layout
     assert [r["step"] for r in lines(killed)] == list(range(1, 31))
     assert [r["loss"] for r in lines(killed)] == [r["loss"] for r in lines(whole)]
 

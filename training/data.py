@@ -1,12 +1,12 @@
-"""Streaming shards into length-bucketed micro-batches, in an order that is a pure function of (seed, epoch, manifest).
+"""Streaming shards into micro-batches, in an order that is a pure function of (seed, epoch, manifest).
 
 The order (docs/design.md "Data order, distribution and resume"):
 
     1. permute the corpus's row groups with rng(seed, epoch);
     2. take windows of `window_groups` consecutive groups of that permutation;
-    3. inside a window, permute the rows with rng(seed, epoch, window), sort them by length (stable, so
-       equal lengths keep the permuted order) and cut them greedily into micro-batches whose padded size
-       B·T_max stays within `batch_tokens`; then permute the micro-batches with the same rng.
+    3. inside a window, turn the rows into micro-batches with rng(seed, epoch, window) as the layout says
+       (training/batching.py): `packed` (default) draws rows at random and packs them into sequences,
+       `grouped` sorts by length inside random mega-batches, `sorted` sorts the whole window by length.
 
 Micro-batch j of an epoch (counted over all windows) goes to rank j mod W, and optimizer step s of the epoch
 consumes micro-batches [s·GA·W, (s+1)·GA·W); a final partial step is dropped. So the global batch of a step
@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from scoring.shards import ShardSet, flat_token_columns
+from training.batching import Bucket, Layout, plan_rows
 
 
 @dataclass(frozen=True)
@@ -39,19 +40,28 @@ class RowGroup:
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """One micro-batch: padded model inputs plus flat per-token columns over the rows' real positions.
+    """One micro-batch: model inputs (B sequences of T tokens) plus flat per-token columns over the rows' real positions.
 
-    Flat position i is token t of row b; it is predicted by the hidden state at padded index
-    `hidden_index[i]` = b·T + t − 1 (meaningless for t = 0, where loss_mask is false by contract).
+    Padded layouts (grouped, sorted) hold one row per sequence, right-padded, with an attention mask. Packed
+    layouts hold several rows per sequence one after the other, with position ids that restart at 0 for each
+    row (and for the padding at a sequence's end) and no attention mask: from those, transformers' masking
+    (masking_utils.find_packed_sequence_indices) builds a block-diagonal causal mask, so no row sees another.
+
+    The flat columns list the rows in sequence order, each row's tokens in order, which is also the row-major
+    order of the real positions in (B, T). Flat position i is token t of a row that starts at column o of
+    sequence b; it is predicted by the hidden state at index `hidden_index[i]` = b·T + o + t − 1 of the (B·T)
+    flattened hidden states (meaningless for t = 0, where loss_mask is false: training.checks.scan_corpus checks it).
     """
 
     index: int  # global micro-batch index j within the epoch
-    input_ids: torch.Tensor  # (B, T) int64, right-padded with 0
-    attention_mask: torch.Tensor  # (B, T) int64
-    tokens: dict[str, torch.Tensor]  # (N,) each: "loss_mask" bool, "seq_index" int64, stored columns
+    input_ids: torch.Tensor  # (B, T) int64, padding 0
+    attention_mask: torch.Tensor | None  # (B, T) int64 for padded layouts; None when packed
+    position_ids: torch.Tensor | None  # (B, T) int64 restarting per row when packed; None for padded layouts (0..T−1)
+    tokens: dict[str, torch.Tensor]  # (N,) each: "loss_mask" bool, "seq_index" int64 (row), stored columns
     hidden_index: torch.Tensor  # (N,) int64 into the (B·T) flattened hidden states
     targets: torch.Tensor  # (N,) int64 token ids
     padded_tokens: int  # B·T
+    rows: int  # shard rows in this micro-batch (B for padded layouts, ≥ B when packed)
 
 
 def row_groups(shards: ShardSet) -> list[RowGroup]:
@@ -68,65 +78,62 @@ def epoch_windows(n_groups: int, seed: int, epoch: int, window_groups: int) -> l
     return [order[i : i + window_groups] for i in range(0, n_groups, window_groups)]
 
 
-def bucket_rows(n_tokens: np.ndarray, batch_tokens: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Cut rows into micro-batches with B·T_max ≤ batch_tokens (little padding), in a seeded order.
-
-    Rows are permuted, stably sorted by length, then taken greedily; the list of micro-batches is permuted.
-    Returns row indices (into n_tokens) per micro-batch.
-    """
-    if len(n_tokens) and n_tokens.max() > batch_tokens:
-        raise ValueError(f"a row of {n_tokens.max()} tokens exceeds batch_tokens={batch_tokens}; raise --batch-tokens.")
-    permuted = rng.permutation(len(n_tokens))
-    by_length = permuted[np.argsort(n_tokens[permuted], kind="stable")]
-    batches, start = [], 0
-    for end in range(1, len(by_length) + 1):
-        # Sorted ascending, so the newest row is the longest: the batch's padded size is (count)·its length.
-        if end == len(by_length) or (end + 1 - start) * n_tokens[by_length[end]] > batch_tokens:
-            batches.append(by_length[start:end])
-            start = end
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
 def read_groups(groups: list[RowGroup], columns: list[str]) -> pa.Table:
     """The rows of several row groups (only `columns`), concatenated in the given order."""
     tables = [pq.ParquetFile(g.path).read_row_group(g.index, columns=columns) for g in groups]
     return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
 
 
-def window_plan(groups: list[RowGroup], window: np.ndarray, seed: int, epoch: int, window_number: int, batch_tokens: int) -> list[np.ndarray]:
-    """Micro-batches (row indices into the window's concatenated rows) of one window."""
+def window_plan(groups: list[RowGroup], window: np.ndarray, seed: int, epoch: int, window_number: int, layout: Layout) -> list[Bucket]:
+    """Micro-batches (row indices into the window's concatenated rows, and their packing) of one window."""
     n_tokens = read_groups([groups[g] for g in window], ["n_tokens"]).column("n_tokens").to_numpy()
-    return bucket_rows(n_tokens, batch_tokens, np.random.default_rng([seed, epoch, window_number]))
+    return plan_rows(n_tokens, layout, np.random.default_rng([seed, epoch, window_number]))
 
 
-def count_micro_batches(groups: list[RowGroup], seed: int, epoch: int, window_groups: int, batch_tokens: int) -> int:
+def count_micro_batches(groups: list[RowGroup], seed: int, epoch: int, window_groups: int, layout: Layout) -> int:
     """Micro-batches in one epoch (reads only the n_tokens column)."""
     windows = epoch_windows(len(groups), seed, epoch, window_groups)
-    return sum(len(window_plan(groups, w, seed, epoch, i, batch_tokens)) for i, w in enumerate(windows))
+    return sum(len(window_plan(groups, w, seed, epoch, i, layout)) for i, w in enumerate(windows))
 
 
-def make_micro_batch(table: pa.Table, index: int, columns: list[str], label_names: list[str]) -> MicroBatch:
-    """Pad `input_ids` into (B, T) and flatten the per-token columns; label codes map into `label_names`."""
+def make_micro_batch(table: pa.Table, index: int, columns: list[str], label_names: list[str], sequence: np.ndarray | None = None) -> MicroBatch:
+    """Lay the rows of `table` out as (B, T) model inputs and flatten the per-token columns (label codes map into `label_names`).
+
+    `sequence` (R,) nondecreasing gives the packed sequence of each row (a Bucket's); None pads one row per sequence.
+    """
     lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
-    batch, width = len(lengths), int(lengths.max())
-    real = np.arange(width)[None, :] < lengths[:, None]  # (B, T) bool
+    packed = sequence is not None
+    sequence = np.asarray(sequence, dtype=np.int64) if packed else np.arange(len(lengths))
+    if len(sequence) != len(lengths) or (np.diff(sequence) < 0).any():
+        raise ValueError("make_micro_batch: `sequence` must give one nondecreasing packed sequence per row (rows sequence-major).")
+    fill = np.bincount(sequence, weights=lengths).astype(np.int64)  # (B,) real tokens per sequence
+    batch, width = len(fill), int(fill.max())
+    real = np.arange(width)[None, :] < fill[:, None]  # (B, T) bool; rows of a sequence are contiguous from column 0
     flat_ids = pc.list_flatten(table.column("input_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
     input_ids = np.zeros((batch, width), dtype=np.int64)
     input_ids[real] = flat_ids  # row-major fill matches the concatenation order of the flat columns
+    row_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)  # (R,) flat position of each row's token 0
     tokens, local_names = flat_token_columns(table, columns)
     if "label" in tokens and local_names:
         lookup = np.array([label_names.index(name) for name in local_names], dtype=np.int64)
         codes = tokens["label"].numpy()
         tokens["label"] = torch.from_numpy(np.where(codes >= 0, lookup[np.maximum(codes, 0)], -1))
-    flat_padded = np.nonzero(real.reshape(-1))[0]  # (N,) b·T + t
+    flat_padded = np.nonzero(real.reshape(-1))[0]  # (N,) b·T + o + t
+    position_ids = None
+    if packed:
+        positions = np.arange(width)[None, :] - np.where(real, 0, fill[:, None])  # (B, T): the padding after a sequence restarts at 0 too
+        positions[real] = np.arange(len(flat_ids)) - np.repeat(row_starts, lengths)  # t within its row
+        position_ids = torch.from_numpy(positions)
     return MicroBatch(
         index=index,
         input_ids=torch.from_numpy(input_ids),
-        attention_mask=torch.from_numpy(real.astype(np.int64)),
+        attention_mask=None if packed else torch.from_numpy(real.astype(np.int64)),
+        position_ids=position_ids,
         tokens=tokens,
         hidden_index=torch.from_numpy(np.maximum(flat_padded - 1, 0)),
         targets=torch.from_numpy(flat_ids),
         padded_tokens=batch * width,
+        rows=len(lengths),
     )
 
 
@@ -136,7 +143,7 @@ def iter_epoch(
     seed: int,
     epoch: int,
     window_groups: int,
-    batch_tokens: int,
+    layout: Layout,
     columns: list[str],
     label_names: list[str],
     rank: int,
@@ -152,12 +159,12 @@ def iter_epoch(
     read_columns = sorted({"input_ids", "loss_mask", *columns})
     first = 0
     for number, window in enumerate(epoch_windows(len(groups), seed, epoch, window_groups)):
-        plan = window_plan(groups, window, seed, epoch, number, batch_tokens)
+        plan = window_plan(groups, window, seed, epoch, number, layout)
         mine = [k for k in range(len(plan)) if (first + k) % world_size == rank and skip <= first + k and (stop is None or first + k < stop)]
         if mine:
             table = read_groups([groups[g] for g in window], read_columns)
             for k in mine:
-                yield make_micro_batch(table.take(plan[k]), first + k, columns, label_names)
+                yield make_micro_batch(table.take(plan[k].rows), first + k, columns, label_names, plan[k].sequence)
         first += len(plan)
         if stop is not None and first >= stop:
             return

@@ -18,12 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from training.loss import token_terms
+from training.loss import LossWeights, TokenLoss, token_terms
 
 
 class _FusedWeightedHead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, phi, neg_loss, clip_nats, chunk_rows):
+    def forward(ctx, hidden, weight, bias, targets, phi, ref_logprob, anchor, loss, chunk_rows):
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)  # (n, D)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # (V, D)
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
@@ -36,7 +36,9 @@ class _FusedWeightedHead(torch.autograd.Function):
             logits = F.linear(h, head_weight, head_bias)  # (c, V) float32
             lse = torch.logsumexp(logits, -1)  # (c,)
             logprob = logits.gather(-1, y[:, None]).squeeze(-1) - lse  # (c,)
-            term, slope, chunk_clipped = token_terms(logprob, phi[start : start + chunk_rows], neg_loss=neg_loss, clip_nats=clip_nats)
+            rows = slice(start, start + chunk_rows)
+            term, slope, chunk_clipped = token_terms(logprob, phi[rows], loss, None if ref_logprob is None else ref_logprob[rows],
+                                                     None if anchor is None else anchor[rows])
             # ∂t/∂z = slope · (e_y − p), built in place in the logits buffer.
             grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-slope[:, None])
             grad_logits.scatter_add_(-1, y[:, None], slope[:, None])
@@ -60,21 +62,25 @@ class _FusedWeightedHead(torch.autograd.Function):
             (grad_hidden * grad_loss).to(ctx.hidden_dtype),
             (grad_weight * grad_loss).to(ctx.weight_dtype),
             (grad_bias * grad_loss) if grad_bias is not None else None,
-            None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )
 
 
 def fused_weighted_head(
-    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, phi: torch.Tensor, *, neg_loss: str, clip_nats: float, chunk_rows: int
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, weights: LossWeights, *, loss: TokenLoss, chunk_rows: int,
+    ref_logprob: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Σ_i t_i (scalar, differentiable in hidden and the head) with per-token terms from training.loss.token_terms.
 
-    hidden: (n, D) final hidden states; targets: (n,) int64; phi: (n,) float32 detached weights (after ramp
-    and per-sign division). Returns (loss_sum, logprob (n,) float32 detached, clipped (n,) bool).
+    hidden: (n, D) final hidden states; targets: (n,) int64; weights: detached (n,) float32 w (Φ after ramp and
+    per-sign division) and anchor coefficients; ref_logprob: (n,) float32 stored reference log-probs when
+    loss.needs_ref. Returns (loss_sum, logprob (n,) float32 detached, clipped (n,) bool).
     """
     bias = head.bias  # None for a bias-free head
     if hidden.shape[0] == 0:
         zero = hidden.sum() * 0.0 + head.weight.sum() * 0.0  # keeps the head in the graph (DDP)
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return zero, empty, empty.bool()
-    return _FusedWeightedHead.apply(hidden, head.weight, bias, targets, phi.float(), neg_loss, clip_nats, chunk_rows)
+    ref = None if ref_logprob is None else ref_logprob.float()
+    anchor = None if weights.anchor is None else weights.anchor.float()
+    return _FusedWeightedHead.apply(hidden, head.weight, bias, targets, weights.weight.float(), ref, anchor, loss, chunk_rows)

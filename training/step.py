@@ -19,7 +19,7 @@ from scoring.stats import final_hidden, token_stats
 from training.data import MicroBatch
 from training.distributed import Dist, all_gather_flat, all_reduce_sum
 from training.head import fused_weighted_head
-from training.loss import ZERO_COUNTS, TokenCounts, ramp_negative, sign_weights
+from training.loss import ZERO_COUNTS, TokenCounts, TokenLoss, loss_weights
 
 
 @dataclass(frozen=True)
@@ -40,36 +40,37 @@ class StudentLoss(nn.Module):
     gradient pass training.head.fused_weighted_head (gradients made in the forward pass).
     """
 
-    def __init__(self, model: nn.Module, chunk_rows: int, autocast_dtype: torch.dtype | None, neg_loss: str, clip_nats: float):
+    def __init__(self, model: nn.Module, chunk_rows: int, autocast_dtype: torch.dtype | None, loss: TokenLoss):
         super().__init__()
         self.model, self.chunk_rows, self.autocast_dtype = model, chunk_rows, autocast_dtype
-        self.neg_loss, self.clip_nats = neg_loss, clip_nats
+        self.loss = loss
 
-    def picked_hidden(self, input_ids, attention_mask, hidden_index) -> torch.Tensor:
-        """(n, D) final hidden states that predict the chosen positions."""
+    def picked_hidden(self, input_ids, attention_mask, position_ids, hidden_index) -> torch.Tensor:
+        """(n, D) final hidden states that predict the chosen positions (packed rows: mask None, position ids per row)."""
         with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            hidden = final_hidden(self.model, input_ids, attention_mask)  # (B, T, D)
+            hidden = final_hidden(self.model, input_ids, attention_mask, position_ids)  # (B, T, D)
         return hidden.flatten(0, 1)[hidden_index]
 
     @torch.no_grad()
-    def statistics(self, input_ids, attention_mask, hidden_index, targets, with_entropy: bool):
+    def statistics(self, input_ids, attention_mask, position_ids, hidden_index, targets, with_entropy: bool):
         """(logprob, entropy), each (n,) float32 nats, detached."""
-        picked = self.picked_hidden(input_ids, attention_mask, hidden_index)
+        picked = self.picked_hidden(input_ids, attention_mask, position_ids, hidden_index)
         return token_stats(self.model, picked, targets, chunk_rows=self.chunk_rows, with_entropy=with_entropy)
 
-    def forward(self, input_ids, attention_mask, hidden_index, targets, *, loss_weights: Callable, phi=None, phi_fn=None,
-                with_entropy: bool = False) -> HeadOutput:
+    def forward(self, input_ids, attention_mask, position_ids, hidden_index, targets, *, loss_weights: Callable, phi=None, phi_fn=None,
+                with_entropy: bool = False, ref_logprob=None) -> HeadOutput:
         """The weighted loss at the chosen positions. Φ is given (`phi`, (n,)), or `phi_fn(logprob, entropy)` computes it
         from the student (one extra no-grad pass of the output layer, inside this forward so DDP sees one pass);
-        `loss_weights(phi)` turns Φ into the loss weights w (negative ramp, per-sign division)."""
-        picked = self.picked_hidden(input_ids, attention_mask, hidden_index)
+        `loss_weights(phi)` turns Φ into the loss weights (negative ramp, per-sign division, anchor coefficients);
+        `ref_logprob` (n,) is the stored reference log-prob the bounded losses and the anchor compare with."""
+        picked = self.picked_hidden(input_ids, attention_mask, position_ids, hidden_index)
         if phi is None:
             with torch.no_grad():
                 logprob, entropy = token_stats(self.model, picked.detach(), targets, chunk_rows=self.chunk_rows, with_entropy=with_entropy)
             phi = phi_fn(logprob, entropy)
         loss, logprob, clipped = fused_weighted_head(
-            self.model.get_output_embeddings(), picked, targets, loss_weights(phi), neg_loss=self.neg_loss, clip_nats=self.clip_nats,
-            chunk_rows=self.chunk_rows,
+            self.model.get_output_embeddings(), picked, targets, loss_weights(phi), loss=self.loss, chunk_rows=self.chunk_rows,
+            ref_logprob=ref_logprob,
         )
         return HeadOutput(loss_sum=loss, logprob=logprob, clipped=clipped, phi=phi)
 
@@ -83,6 +84,7 @@ class StepSettings:
     with_entropy: bool  # the spec reads the student's entropy
     label_names: list[str]
     device: torch.device
+    ref_column: str | None = None  # "<neg_ref>_logprob" when the loss compares with a stored reference (TokenLoss.needs_ref)
 
 
 def needs_prepass(priority: Priority, normalize: str) -> bool:
@@ -92,8 +94,10 @@ def needs_prepass(priority: Priority, normalize: str) -> bool:
 
 
 def on_device(mb: MicroBatch, positions: torch.Tensor, device: torch.device) -> tuple:
-    """(input_ids, attention_mask, hidden_index, targets) of the chosen flat positions, on `device`."""
-    return mb.input_ids.to(device), mb.attention_mask.to(device), mb.hidden_index[positions].to(device), mb.targets[positions].to(device)
+    """(input_ids, attention_mask, position_ids, hidden_index, targets) of the chosen flat positions, on `device`
+    (attention_mask is None for packed micro-batches, position_ids None for padded ones)."""
+    mask, position_ids = (None if t is None else t.to(device) for t in (mb.attention_mask, mb.position_ids))
+    return mb.input_ids.to(device), mask, position_ids, mb.hidden_index[positions].to(device), mb.targets[positions].to(device)
 
 
 def with_student(mb: MicroBatch, positions: torch.Tensor, logprob: torch.Tensor, entropy: torch.Tensor) -> dict:
@@ -125,7 +129,7 @@ def global_priority(core: StudentLoss, mbs: list[MicroBatch], settings: StepSett
         local.append(with_student(mb, positions, logprob, entropy))
     keys = sorted(local[0])
     # Per segment (micro-batch): global index, positions, rows.
-    shape = torch.tensor([[mb.index, mb.targets.numel(), mb.input_ids.shape[0]] for mb in mbs], dtype=torch.int64)
+    shape = torch.tensor([[mb.index, mb.targets.numel(), mb.rows] for mb in mbs], dtype=torch.int64)
     shapes = [s.view(-1, 3) for s in all_gather_flat(shape.view(-1).to(settings.device), ctx)]
     columns = {}
     for key in keys:
@@ -186,9 +190,12 @@ def accumulate_step(student, core: StudentLoss, mbs: list[MicroBatch], settings:
         local = sum((TokenCounts.of(phi[mb.tokens["loss_mask"]]) for phi, mb in zip(phis, mbs)), ZERO_COUNTS)
         counts = TokenCounts.from_tensor(all_reduce_sum(local.to_tensor().to(settings.device), ctx).cpu())
 
-    def loss_weights(phi: torch.Tensor) -> torch.Tensor:
-        weight = ramp_negative(phi, step, settings.neg_ramp_steps)
-        return (sign_weights(weight, counts) if settings.normalize == "per_sign" else weight).to(settings.device)
+    def weights_of(phi: torch.Tensor):
+        return loss_weights(phi, step=step, ramp_steps=settings.neg_ramp_steps, counts=counts, normalize=settings.normalize,
+                            anchor_kl=core.loss.anchor_kl).to(settings.device)
+
+    def ref_at(mb: MicroBatch, positions: torch.Tensor):
+        return None if settings.ref_column is None else mb.tokens[settings.ref_column][positions].to(settings.device)
 
     # ---- gradient pass: one backward per micro-batch, gradients synchronised on the last one only
     local_counts, sums = ZERO_COUNTS, torch.zeros(5, dtype=torch.float64)  # sums: loss, nll+, nll-, clipped, input tokens
@@ -198,7 +205,8 @@ def accumulate_step(student, core: StudentLoss, mbs: list[MicroBatch], settings:
         with sync:
             if phis is not None:
                 positions = targets_or_first(phis[i] != 0)
-                out = student(*on_device(mb, positions, settings.device), loss_weights=loss_weights, phi=phis[i][positions])
+                out = student(*on_device(mb, positions, settings.device), loss_weights=weights_of, phi=phis[i][positions],
+                              ref_logprob=ref_at(mb, positions))
             else:  # Φ from the student inside the forward; only loss_mask positions can be nonzero
                 positions = targets_or_first(mb.tokens["loss_mask"])
 
@@ -206,7 +214,8 @@ def accumulate_step(student, core: StudentLoss, mbs: list[MicroBatch], settings:
                     tokens = with_student(mb, positions, logprob, entropy)
                     return evaluate_priority(settings.priority, tokens, step=step, label_names=settings.label_names)[positions]
 
-                out = student(*on_device(mb, positions, settings.device), loss_weights=loss_weights, phi_fn=phi_fn, with_entropy=settings.with_entropy)
+                out = student(*on_device(mb, positions, settings.device), loss_weights=weights_of, phi_fn=phi_fn, with_entropy=settings.with_entropy,
+                              ref_logprob=ref_at(mb, positions))
                 local_counts = local_counts + TokenCounts.of(out.phi[mb.tokens["loss_mask"][positions]])
             out.loss_sum.backward()
         nll, phi = -out.logprob.detach().double().cpu(), out.phi.cpu()

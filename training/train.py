@@ -33,10 +33,11 @@ from training.checkpoint import (
     set_rng_state,
     truncate_metrics,
 )
-from training.checks import CorpusSummary, check_student, scan_corpus
+from training.batching import BATCHINGS, Layout
+from training.checks import CorpusSummary, check_packed_attention, check_ref_column, check_student, scan_corpus
 from training.data import RowGroup, count_micro_batches, iter_epoch, row_groups
 from training.distributed import Dist, barrier, init_distributed, shutdown
-from training.loss import NEG_LOSSES, NORMALIZERS, normalizer
+from training.loss import NORMALIZERS, TokenLoss, normalizer
 from training.step import StepResult, StepSettings, StudentLoss, accumulate_step, needs_prepass
 
 TRAIN_DTYPES = ("float32", "bfloat16")  # autocast dtypes; float16 would need loss scaling
@@ -57,6 +58,11 @@ class TrainConfig:
     neg_loss: str = "clip"  # loss on Φ < 0 tokens: clip | unlikelihood | none
     neg_clip_nats: float | None = None  # c of neg_loss=clip, nats; None → ln V
     neg_ramp: int = 0  # optimizer steps over which negative Φ ramps linearly from 0 (0: no ramp)
+    neg_ref: str | None = None  # statistics prefix whose stored log-prob npo, refclip and the anchor compare with; None → "ref"
+    npo_beta: float | None = None  # β of neg_loss=npo; None → 1.0
+    refclip_nats: float | None = None  # δ of neg_loss=refclip, nats over the reference's NLL; None → 3.0
+    anchor_kl: float = 0.0  # α of ASFT's k3 anchor to the --neg-ref log-prob on Φ > 0 tokens (0: off)
+    batching: str = "packed"  # packed | grouped | sorted (training/batching.py)
     steps: int | None = None  # optimizer steps; None → `epochs` full passes
     epochs: int = 1  # passes over the corpus when `steps` is None
     lr: float = 3e-4  # peak learning rate (AdamW), after linear warm-up, cosine decay to lr·min_lr_ratio
@@ -64,7 +70,7 @@ class TrainConfig:
     warmup_ratio: float = 0.05  # share of the steps spent warming up
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
-    batch_tokens: int = 8192  # padded tokens (rows × longest row) per micro-batch
+    batch_tokens: int = 8192  # tokens per micro-batch incl. padding (packed: sequences × their length; else rows × longest row)
     grad_accum: int = 1  # micro-batches per rank per optimizer step
     seed: int = 0  # data order (and initial weights when `model` has no weights)
     dtype: str = "auto"  # auto | float32 | bfloat16 (autocast; master weights and output layer stay float32)
@@ -77,8 +83,13 @@ def validate(cfg: TrainConfig) -> list[str]:
     problems = []
     if cfg.normalize is not None and cfg.normalize not in NORMALIZERS:
         problems.append(f"normalize={cfg.normalize!r}: use one of {', '.join(NORMALIZERS)}.")
-    if cfg.neg_loss not in NEG_LOSSES:
-        problems.append(f"neg_loss={cfg.neg_loss!r}: use one of {', '.join(NEG_LOSSES)}.")
+    loss = loss_of(cfg, vocab_size=2)
+    problems += loss.problems(cfg.neg_ref or "ref")
+    for name, applies in (("npo_beta", cfg.neg_loss == "npo"), ("refclip_nats", cfg.neg_loss == "refclip"), ("neg_ref", loss.needs_ref)):
+        if getattr(cfg, name) is not None and not applies:
+            problems.append(f"{name}={getattr(cfg, name)!r} has no effect here (neg_loss={cfg.neg_loss}, anchor_kl={cfg.anchor_kl}); drop it.")
+    if cfg.batching not in BATCHINGS:
+        problems.append(f"batching={cfg.batching!r}: use one of {', '.join(BATCHINGS)}.")
     if cfg.dtype not in ("auto", *TRAIN_DTYPES):
         problems.append(f"dtype={cfg.dtype!r}: use one of auto, {', '.join(TRAIN_DTYPES)}.")
     for name in ("batch_tokens", "grad_accum", "epochs", "window_groups"):
@@ -91,8 +102,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"steps={cfg.steps}: must be ≥ 1 (or unset to train `epochs` passes).")
     if not cfg.lr > 0 or not 0 <= cfg.warmup_ratio < 1 or not 0 <= cfg.min_lr_ratio <= 1:
         problems.append(f"lr={cfg.lr}, warmup_ratio={cfg.warmup_ratio}, min_lr_ratio={cfg.min_lr_ratio}: need lr > 0, 0 ≤ warmup_ratio < 1, 0 ≤ min_lr_ratio ≤ 1.")
-    if cfg.neg_clip_nats is not None and not cfg.neg_clip_nats > 0:
-        problems.append(f"neg_clip_nats={cfg.neg_clip_nats}: must be > 0 nats.")
+    if cfg.neg_clip_nats is not None and (not cfg.neg_clip_nats > 0 or cfg.neg_loss != "clip"):
+        problems.append(f"neg_clip_nats={cfg.neg_clip_nats}: must be > 0 nats, with neg_loss=clip (here {cfg.neg_loss}).")
     if not Path(cfg.model).is_dir() or not (Path(cfg.model) / "config.json").exists():
         problems.append(f"model={cfg.model}: not a Hugging Face model folder (no config.json); pass a local folder saved with save_pretrained.")
     return problems
@@ -129,6 +140,8 @@ class Inputs:
     priority: Priority
     normalize: str
     summary: CorpusSummary
+    layout: Layout  # how windows become micro-batches
+    ref_column: str | None  # the --neg-ref log-prob column the loss reads, or None
     tokenizer: object
     model: torch.nn.Module  # float32, on the device
     origin: str  # "loaded" or how it was initialised
@@ -146,7 +159,8 @@ def check_inputs(cfg: TrainConfig, device: torch.device) -> Inputs:
             f"with `tokenprio reweight {cfg.shards} --priority '{cfg.priority}' --out NEW` and train with the spec it records."
         )
     groups = row_groups(shards)
-    summary = scan_corpus(shards, groups, read_labels="label" in priority.columns)
+    ref_column = check_ref_column(shards, loss_of(cfg, vocab_size=2), cfg.neg_ref or "ref")
+    summary = scan_corpus(shards, groups, read_labels="label" in priority.columns, ref_column=ref_column)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     model, origin = load_student(cfg.model, cfg.seed)
     check_student(shards, tokenizer, model.config, summary, str(cfg.model))
@@ -154,7 +168,19 @@ def check_inputs(cfg: TrainConfig, device: torch.device) -> Inputs:
         raise ValueError(f"--batch-tokens {cfg.batch_tokens} is below the longest row ({summary.max_row_tokens} tokens); raise it.")
     model.to(device)
     check_head_matches_logits(model, device)
-    return Inputs(shards, groups, priority, cfg.normalize or default_normalize(priority), summary, tokenizer, model, origin)
+    if cfg.batching == "packed":
+        check_packed_attention(model, device)
+    # Packed sequences are as long as the corpus's longest row, so every row fits an empty one.
+    layout = Layout(cfg.batching, cfg.batch_tokens, summary.max_row_tokens if cfg.batching == "packed" else 0)
+    return Inputs(shards, groups, priority, cfg.normalize or default_normalize(priority), summary, layout, ref_column, tokenizer, model, origin)
+
+
+def loss_of(cfg: TrainConfig, vocab_size: int) -> TokenLoss:
+    """The per-token loss options; clip's c defaults to ln V."""
+    defaults = TokenLoss()
+    return TokenLoss(neg_loss=cfg.neg_loss, clip_nats=cfg.neg_clip_nats or math.log(vocab_size), anchor_kl=cfg.anchor_kl,
+                     npo_beta=defaults.npo_beta if cfg.npo_beta is None else cfg.npo_beta,
+                     refclip_nats=defaults.refclip_nats if cfg.refclip_nats is None else cfg.refclip_nats)
 
 
 @dataclass(frozen=True)
@@ -163,16 +189,16 @@ class Plan:
 
     per_step: int  # micro-batches per optimizer step: grad_accum × world size
     total_steps: int
-    plan_args: dict  # seed, window_groups, batch_tokens: what the data order depends on
+    plan_args: dict  # seed, window_groups, layout: what the data order depends on
 
     def steps_in_epoch(self, groups: list[RowGroup], epoch: int) -> int:
         """Whole steps only: a final partial step is dropped."""
         return count_micro_batches(groups, epoch=epoch, **self.plan_args) // self.per_step
 
 
-def make_plan(cfg: TrainConfig, groups: list[RowGroup], world_size: int) -> Plan:
+def make_plan(cfg: TrainConfig, groups: list[RowGroup], world_size: int, layout: Layout) -> Plan:
     plan = Plan(per_step=cfg.grad_accum * world_size, total_steps=0,
-                plan_args={"seed": cfg.seed, "window_groups": cfg.window_groups, "batch_tokens": cfg.batch_tokens})
+                plan_args={"seed": cfg.seed, "window_groups": cfg.window_groups, "layout": layout})
     first_epoch_steps = plan.steps_in_epoch(groups, 0)
     if first_epoch_steps == 0:
         raise ValueError(
@@ -192,7 +218,8 @@ def run_record(cfg: TrainConfig, extra: dict) -> dict:
 def check_same_run(run: Path, record: dict) -> None:
     """Resume only the same run: equal config (but `resume`) and the same shards (manifest checksum)."""
     saved = json.loads((run / "config.json").read_text())
-    differ = [k for k in record["config"] if k != "resume" and saved["config"].get(k) != record["config"][k]]
+    before_packing = {"batching": "sorted", "anchor_kl": 0.0}  # what a run saved before these options existed did
+    differ = [k for k in record["config"] if k != "resume" and saved["config"].get(k, before_packing.get(k)) != record["config"][k]]
     if saved.get("manifest_checksum") != record["manifest_checksum"]:
         differ.append("shards (manifest checksum)")
     if saved.get("world_size") != record["world_size"]:
@@ -305,30 +332,32 @@ def train(cfg: TrainConfig) -> Path:
     vocab_size = model.get_output_embeddings().weight.shape[0]
 
     # ---- Plan, optimizer and schedule; then start or resume
-    plan = make_plan(cfg, inputs.groups, ctx.world_size)
+    plan = make_plan(cfg, inputs.groups, ctx.world_size, inputs.layout)
     warmup = int(cfg.warmup_ratio * plan.total_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan.total_steps, warmup, cfg.min_lr_ratio))
     record = run_record(cfg, {
         "normalize": normalize, "priority_canonical": priority.text, "dtype": f"{dtype_name(compute_dtype)} ({dtype_reason})",
         "world_size": ctx.world_size, "manifest_checksum": manifest_checksum(inputs.shards.manifest), "total_steps": plan.total_steps,
-        "student": inputs.origin, "label_names": inputs.summary.label_names,
+        "student": inputs.origin, "label_names": inputs.summary.label_names, "pack_tokens": inputs.layout.pack_tokens,
+        "token_loss": asdict(loss_of(cfg, vocab_size)), "ref_column": inputs.ref_column,
     })
     position = start_or_resume(run, latest, record, model, optimizer, scheduler, ctx, cfg.seed, say)
     say(f"student {cfg.model} ({inputs.origin}); device {device}, compute {dtype_name(compute_dtype)} ({dtype_reason}), output layer float32; "
-        f"priority {priority.text!r}, normalize={normalize}, neg_loss={cfg.neg_loss}; "
-        f"{plan.total_steps} steps of {plan.per_step} micro-batches ≤ {cfg.batch_tokens} tokens")
+        f"priority {priority.text!r}, normalize={normalize}, neg_loss={cfg.neg_loss}, anchor_kl={cfg.anchor_kl}; "
+        f"{plan.total_steps} steps of {plan.per_step} micro-batches ≤ {cfg.batch_tokens} tokens, batching {cfg.batching}"
+        + (f" (sequences of {inputs.layout.pack_tokens} tokens)" if cfg.batching == "packed" else ""))
 
     # ---- The student's loss module (DDP-wrapped on several processes) and the step settings
-    core = StudentLoss(model, chunk_rows_for_budget(vocab_size, DEFAULT_LOGITS_BUDGET_BYTES), autocast_dtype,
-                       neg_loss=cfg.neg_loss, clip_nats=cfg.neg_clip_nats or math.log(vocab_size))
+    core = StudentLoss(model, chunk_rows_for_budget(vocab_size, DEFAULT_LOGITS_BUDGET_BYTES), autocast_dtype, loss_of(cfg, vocab_size))
     student = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None) if ctx.world_size > 1 else core
     settings = StepSettings(
         priority=priority, normalize=normalize, neg_ramp_steps=cfg.neg_ramp,
         prepass=needs_prepass(priority, normalize),
         with_entropy="student_entropy" in priority.student_columns, label_names=inputs.summary.label_names, device=device,
+        ref_column=inputs.ref_column,
     )
-    columns = sorted(priority.columns | {"weight"})
+    columns = sorted(priority.columns | {"weight"} | ({inputs.ref_column} if inputs.ref_column else set()))
 
     # ---- The loop: one optimizer step per GA × W micro-batches, metrics per step, checkpoints
     writer = tensorboard_writer(run) if ctx.main else None
