@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -54,6 +55,7 @@ def main() -> None:
         "ray1": EngineConfig(engine="ray", workers=1, worker_cpus=1),
         "ray2": EngineConfig(engine="ray", workers=2, worker_cpus=1),
     }
+    load_before = os.getloadavg()[0]
     ray.init(num_cpus=2, include_dashboard=False)
     torch.set_num_threads(1)  # the local engine's one thread, as each actor has
 
@@ -84,6 +86,7 @@ def main() -> None:
     best = {name: tokens / min(values) for name, values in seconds.items()}
     n_shards = len(json.loads((work / "local-0" / "_manifest.json").read_text())["shards"])
     print(f"\n{args.docs} GSM8K records, {tokens} tokens, {n_shards} shards; best of {args.rounds}; identical shards in every run: {same}")
+    print(f"machine: {os.cpu_count()} CPUs, load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after (2 workers need 2 idle cores)")
     for name in engines:
         print(f"{name:6s} {best[name]:7.0f} tok/s   ({min(seconds[name]):.1f} s)")
     print(f"ratio ray2 / ray1:  {best['ray2'] / best['ray1']:.2f}  (target >= 1.6)")

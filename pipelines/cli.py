@@ -68,7 +68,7 @@ def engine_config(engine, workers, worker_gpus, worker_cpus, ray_address):
 def score(
     inputs: Annotated[list[str], typer.Argument(help="JSONL/JSON/Parquet/CSV files, dataset folders (save_to_disk) or dataset names.")],
     out: Annotated[str, typer.Option(help="Shard folder to write.")],
-    model: Annotated[Optional[str], typer.Option(help="Reference model (local HF folder or hub id). Omit, with --tokenizer, for unscored shards.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Reference model (local HF folder or hub id; vllm-server: the served name). Omit, with --tokenizer, for unscored shards.")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer (default: the model's).")] = None,
     prefix: Annotated[str, typer.Option(help="Column prefix for this model's statistics.")] = "ref",
     priority: PriorityOpt = "uniform",
@@ -135,7 +135,7 @@ def score(
 @app.command("add-model")
 def add_model(
     shards: Annotated[str, typer.Argument(help="Scored shard folder.")],
-    model: Annotated[str, typer.Option(help="The model to add (local HF folder or hub id), e.g. the student's initial model.")],
+    model: Annotated[str, typer.Option(help="The model to add (local HF folder or hub id; vllm-server: the served name), e.g. the student's initial model.")],
     prefix: Annotated[str, typer.Option(help="Column prefix for its statistics, e.g. base.")],
     out: Annotated[Optional[str], typer.Option(help="New shard folder (or --in-place).")] = None,
     in_place: Annotated[bool, typer.Option(help="Add the columns to SHARDS instead of writing a new folder.")] = False,
