@@ -197,6 +197,16 @@ RECORDS = [
 ]
 
 
+def test_default_dtype_resolves_the_same_for_both_backends_before_anything_loads():
+    """`--dtype auto` is one decision (scoring/devices.py): float32 on this CPU for hf and vllm; their identities differ only in the backend."""
+    from scoring.backends import scorer_identity
+
+    hf, vl = scorer_identity(ScorerConfig(model="m", backend="hf")), scorer_identity(ScorerConfig(model="m", backend="vllm"))
+    expected = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    assert hf["dtype"] == vl["dtype"] == expected
+    assert {k: v for k, v in hf.items() if k != "backend"} == {k: v for k, v in vl.items() if k != "backend"}
+
+
 @pytest.mark.slow  # starts or uses a vLLM engine
 def test_score_pipeline_shards_agree_between_hf_and_vllm_with_default_options(exact_engine, reference_model, model_dir, tmp_path, monkeypatch):
     """Default options on both backends (dtype auto: float32 on this CPU for both) give the same shards."""
