@@ -4,18 +4,18 @@ of an existing shard folder, e.g. the student's initial model for excess-loss po
 The rows are never re-tokenised: the model scores the stored `input_ids`, whose digest (recorded when
 they were first written) is checked, and its tokenizer must have the shards' fingerprint. The result is
 a new shard folder (`--out`) or the source folder itself (`--in-place`); each shard is replaced
-atomically, and a rerun skips shards that already hold this model's statistics.
+atomically, and a rerun skips shards that already hold this model's statistics. Each shard is done by
+`add_model_shard`, in this process or on Ray actors (pipelines/engines.py, `--engine ray`).
 """
 
 from __future__ import annotations
 
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
-from tqdm import tqdm
-
-from scoring.backends import Scorer, ScorerConfig, load_scorer, load_tokenizer, scorer_identity, validate_scorer
+from pipelines.engines import EngineConfig, LazyScorer, ShardResult, run_shards, validate_engine
+from scoring.backends import ScorerConfig, check_scorer, load_tokenizer, scorer_identity, validate_scorer
 from scoring.shards import (
     ShardError,
     ShardSet,
@@ -49,10 +49,11 @@ class AddModelConfig:
     num_tasks: int = 1  # independent processes sharing the work
     task_index: int = 0  # this process's index in [0, num_tasks)
     overwrite: bool = False  # replace existing `{prefix}_*` columns or shards written with another configuration
+    engine: EngineConfig = field(default_factory=EngineConfig)  # local loop or Ray actors (not part of the config hash)
 
 
 def validate(cfg: AddModelConfig) -> list[str]:
-    problems = validate_scorer(cfg.scorer)
+    problems = validate_scorer(cfg.scorer) + validate_engine(cfg.engine)
     if not cfg.prefix.isidentifier():
         problems.append(f"--prefix {cfg.prefix!r}: use a short identifier such as base.")
     if (cfg.out is None) == (not cfg.in_place):
@@ -64,12 +65,11 @@ def validate(cfg: AddModelConfig) -> list[str]:
     return problems
 
 
-def check_source(cfg: AddModelConfig) -> ShardSet:
-    """Open the source shards and check the model against them (tokenizer fingerprint, existing prefix)."""
-    from scoring.hf_backend import check_model_path
-
+def check_source(cfg: AddModelConfig) -> tuple[ShardSet, object]:
+    """Open the source shards and check the model against them (tokenizer fingerprint, existing prefix); (shards, tokenizer)."""
     source = open_shards(cfg.shards)
-    check_model_path(cfg.scorer.model)
+    if cfg.scorer.backend != "vllm-server":
+        check_scorer(cfg.scorer, None, source.metadata["windowing"]["max_length"])  # the model folder exists
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.scorer.model, cfg.scorer.trust_remote_code)
     if tokenizer_fingerprint(tokenizer) != source.metadata["tokenizer"]["fingerprint"]:
         raise ShardError(
@@ -79,7 +79,33 @@ def check_source(cfg: AddModelConfig) -> ShardSet:
         )
     if cfg.prefix in source.stat_prefixes and not cfg.overwrite and not cfg.in_place:
         raise ShardError(f"{source.folder}: already has {stat_columns(cfg.prefix)}; choose another --prefix or pass --overwrite.")
-    return source
+    if cfg.scorer.backend == "vllm-server":
+        check_scorer(cfg.scorer, tokenizer, source.metadata["windowing"]["max_length"])  # serves this model and tokenizer
+    return source, tokenizer
+
+
+@dataclass(frozen=True)
+class AddModelRun:
+    """What every shard of one add-model run shares."""
+
+    out: str  # the folder written
+    prefix: str
+    hash_key: str  # `{prefix}_config_hash`, the metadata key a complete shard carries
+    step_hash: str  # this step's config hash
+
+
+def add_model_shard(run: AddModelRun, scorer: LazyScorer, path: str) -> ShardResult:
+    """Score the stored rows of the source shard `path` and write them with the new columns atomically: the same code in every engine."""
+    path = Path(path)
+    table, metadata = read_table(path), read_metadata(path)
+    digest = input_ids_digest(table)
+    if metadata.get("shard", {}).get("input_ids_sha256", digest) != digest:
+        raise ShardError(f"{path}: input_ids changed since scoring (digest mismatch); rescore the corpus.")
+    table = with_statistics(table, run.prefix, scorer.get().score(table.column("input_ids").to_pylist()))
+    metadata["models"] = metadata.get("models", {}) | {run.prefix: scorer.get().info}
+    metadata[run.hash_key] = run.step_hash
+    metadata["shard"] = metadata.get("shard", {}) | {"input_ids_sha256": digest}
+    return ShardResult(entry=write_shard_file(with_metadata(table, metadata), Path(run.out), shard_index(path)), skipped_messages=[])
 
 
 def add_model(cfg: AddModelConfig) -> dict:
@@ -88,46 +114,35 @@ def add_model(cfg: AddModelConfig) -> dict:
     problems = validate(cfg)
     if problems:
         raise ValueError("\n".join(problems))
-    source = check_source(cfg)
+    source, tokenizer = check_source(cfg)
     out = source.folder if cfg.in_place else Path(cfg.out)
-    hash_key = f"{cfg.prefix}_config_hash"
-    step_hash = config_hash({"source": source.metadata["config_hash"], "model": scorer_identity(cfg.scorer), "prefix": cfg.prefix})
-    max_length = source.metadata["windowing"]["max_length"]
+    run = AddModelRun(out=str(out), prefix=cfg.prefix, hash_key=f"{cfg.prefix}_config_hash",
+                      step_hash=config_hash({"source": source.metadata["config_hash"], "model": scorer_identity(cfg.scorer), "prefix": cfg.prefix}))
 
-    # ---- one pass over this task's shards; the model loads at the first shard that needs it
-    scorer: Scorer | None = None
-    entries = []
-    for path in tqdm(source.paths, desc=f"add-model {cfg.prefix}", unit="shard", file=sys.stderr):
+    # ---- this task's shards: complete ones reused, the others scored (the model loads at the first)
+    done, pending = [], []
+    for path in source.paths:
         index = shard_index(path)
         if index % cfg.num_tasks != cfg.task_index:
             continue
         # In place, the source shard itself is the target: without this model's hash it is still to do.
-        done = complete_shard(out, index, hash_key, step_hash, overwrite=cfg.in_place or cfg.overwrite)
-        if done is not None:
-            entries.append(done)
-            continue
-        table, metadata = read_table(path), read_metadata(path)
-        digest = input_ids_digest(table)
-        if metadata.get("shard", {}).get("input_ids_sha256", digest) != digest:
-            raise ShardError(f"{path}: input_ids changed since scoring (digest mismatch); rescore the corpus.")
-        if scorer is None:
-            scorer = load_scorer(cfg.scorer, max_length)
-        table = with_statistics(table, cfg.prefix, scorer.score(table.column("input_ids").to_pylist()))
-        metadata["models"] = metadata.get("models", {}) | {cfg.prefix: scorer.info}
-        metadata[hash_key] = step_hash
-        metadata["shard"] = metadata.get("shard", {}) | {"input_ids_sha256": digest}
-        entries.append(write_shard_file(with_metadata(table, metadata), out, index))
-    if scorer is not None:
-        scorer.close()
+        entry = complete_shard(out, index, run.hash_key, run.step_hash, overwrite=cfg.in_place or cfg.overwrite)
+        if entry is not None:
+            done.append(entry)
+        else:
+            pending.append(str(path))
+    results = run_shards(cfg.engine, partial(add_model_shard, run), pending, scorer=cfg.scorer, max_length=source.metadata["windowing"]["max_length"],
+                         tokenizer=tokenizer, desc=f"add-model {cfg.prefix}")
+    entries = done + [result.entry for result in results]
 
     # ---- manifest: this task's, merged automatically when it is the only task
     task = write_task_manifest(
-        out, task_index=cfg.task_index, num_tasks=cfg.num_tasks, n_shards=len(source.paths), cfg_hash=step_hash,
+        out, task_index=cfg.task_index, num_tasks=cfg.num_tasks, n_shards=len(source.paths), cfg_hash=run.step_hash,
         config=asdict(cfg), metadata=run_metadata(out, entries, source.metadata), entries=entries, skipped_messages=[],
     )
     if cfg.num_tasks > 1:
         print(f"task {cfg.task_index}/{cfg.num_tasks}: {len(entries)} shards; run `tokenprio finalize {out}` when all tasks are done")
         return task
-    manifest = finalize(out, step_hash)
+    manifest = finalize(out, run.step_hash)
     print(summary_line(manifest, out))
     return manifest

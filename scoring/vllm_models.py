@@ -17,25 +17,38 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from scoring.stats import chunk_rows_for_budget
-from scoring.vllm_plugin import LOGITS_BUDGET_BYTES
+from scoring.vllm_plugin import CPU_LOGITS_BUDGET_BYTES, LOGITS_BUDGET_BYTES
 
 
 def logprob_entropy_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(n, 2) float32 [log p(targets[i]), H(p)] for each row of `logits` (n, V), p = softmax(logits.float()).
+    """(n, 2) float32 [log p(targets[i]), H(p)] for each row of `logits` (n, V), p = softmax(logits.float()), nats.
 
-    H = -Σ_v p_v log p_v in nats; targets (n,) int64.
+    With z = logits - max (per row), e = exp(z) and s = Σ_v e_v:
+
+        log p(target) = z[target] - log s        H = -Σ_v p_v log p_v = log s - Σ_v e_v z_v / s
+
+    One (n, V) tensor is allocated (e; z is `logits` itself, shifted in place when it is float32 already, and
+    e·z overwrites e), so no log-probs or probabilities are materialised: on a CPU the passes over V, not the
+    matmul, are the cost. The sums are torch's own reductions (Σ e·z as a dot product in float32 loses
+    1e-4 nats over 50k terms; this stays within 1e-6). targets (n,) int64.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return torch.stack([logp.gather(-1, targets[:, None]).squeeze(-1), entropy], dim=-1)
+    z = logits.float()  # (n, V) float32; the caller's tensor when already float32 (compute_logits output, discarded after)
+    z.sub_(z.amax(dim=-1, keepdim=True))
+    target = z.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
+    e = torch.exp(z)  # (n, V) in (0, 1]
+    total = e.sum(-1)  # (n,) ≥ 1
+    dot = e.mul_(z).sum(-1)  # (n,) Σ e·z ≤ 0
+    log_total = torch.log(total)
+    return torch.stack([target - log_total, log_total - dot / total], dim=-1)
 
 
 class PromptScoringPooler(Pooler):
     """Pools every prompt position into [log p(next token), entropy] with the model's own output layer.
 
     AllPool gathers a prompt's hidden states across chunked-prefill steps; the prompts that finish in a
-    step are then scored together, the output layer running over at most `chunk_rows` positions at a
-    time, so the float32 logits never exceed LOGITS_BUDGET_BYTES. With tensor parallelism,
+    step are then scored together, the output layer running over a chunk of positions at a time, so the
+    float32 logits never exceed LOGITS_BUDGET_BYTES on a GPU, CPU_LOGITS_BUDGET_BYTES on a CPU (chunks that
+    stay in the last-level cache: there the passes over V, not the matmul, decide). With tensor parallelism,
     `compute_logits` gathers to the first rank and returns None elsewhere; those ranks return NaN rows,
     which vLLM discards (only the first rank's output is returned).
     """
@@ -44,7 +57,7 @@ class PromptScoringPooler(Pooler):
         super().__init__()
         self.all_pool = AllPool()
         self.compute_logits = compute_logits
-        self.chunk_rows = chunk_rows_for_budget(vocab_size, LOGITS_BUDGET_BYTES)
+        self.chunk_rows = {"cpu": chunk_rows_for_budget(vocab_size, CPU_LOGITS_BUDGET_BYTES), "gpu": chunk_rows_for_budget(vocab_size, LOGITS_BUDGET_BYTES)}
 
     def get_supported_tasks(self) -> Set[str]:
         return {"token_classify"}
@@ -70,8 +83,9 @@ class PromptScoringPooler(Pooler):
 
     def _score_rows(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         rows = torch.full((hidden.shape[0], 2), float("nan"), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], self.chunk_rows):
-            stop = start + self.chunk_rows
+        chunk_rows = self.chunk_rows["cpu" if hidden.device.type == "cpu" else "gpu"]
+        for start in range(0, hidden.shape[0], chunk_rows):
+            stop = start + chunk_rows
             logits = self.compute_logits(hidden[start:stop])  # (rows, V), scale and soft-cap applied
             if logits is not None:
                 rows[start:stop] = logprob_entropy_rows(logits, targets[start:stop])

@@ -22,7 +22,8 @@ from __future__ import annotations
 # load through vLLM's own MistralForCausalLM, which is a LlamaForCausalLM.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
-LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits held at once per chunk inside the engine
+LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits held at once per chunk inside the engine (GPU)
+CPU_LOGITS_BUDGET_BYTES = 24 * 2**20  # on a CPU: about a last-level cache (128 rows of a 50,257-token vocabulary)
 
 
 def scoring_architecture(architecture: str) -> str:

@@ -109,6 +109,24 @@ def test_topk_entropy_is_an_upper_bound_that_is_exact_for_flat_tails():
     np.testing.assert_allclose(topk_entropy(flat_tail[:, :2], vocab_size=10), -(np.exp(flat_tail) * flat_tail).sum(-1), rtol=1e-6)
 
 
+def test_pooler_rows_match_float64_log_softmax_and_entropy():
+    """The pooler's one-pass formulas (shifted logits, Σ e·z as a dot product) against float64, also for large logits."""
+    require_vllm()
+    from scoring.vllm_models import logprob_entropy_rows
+
+    rng = np.random.default_rng(4)
+    for scale, vocab_size in ((1.0, 1000), (30.0, 1000), (1000.0, 50), (5.0, 50_257)):
+        logits = torch.tensor(rng.normal(size=(37, vocab_size)) * scale, dtype=torch.float32)
+        targets = torch.tensor(rng.integers(0, vocab_size, size=37))
+        logp = torch.log_softmax(logits.double(), -1)
+        expected_logprob = logp.gather(-1, targets[:, None]).squeeze(-1)
+        expected_entropy = -(logp.exp() * logp).sum(-1)
+        rows = logprob_entropy_rows(logits.clone(), targets)  # clone: the rows are computed in place
+        assert rows.dtype == torch.float32 and rows.shape == (37, 2)
+        np.testing.assert_allclose(rows[:, 0].numpy(), expected_logprob.numpy(), atol=2e-5 * max(1.0, scale / 30), rtol=1e-6)
+        np.testing.assert_allclose(rows[:, 1].numpy(), expected_entropy.numpy(), atol=5e-6, rtol=0)
+
+
 def test_engine_options_are_validated_together():
     problems = validate_engine_options(entropy="approx", dtype="int8", max_model_len=1, tensor_parallel_size=0, gpu_memory_utilization=1.5)
     assert len(problems) == 5
@@ -177,6 +195,16 @@ RECORDS = [
     {"id": "completion", "prompt": "def add(a, b):\n", "completion": "    return a + b\n", "spans": [{"start": 4, "end": 10, "label": "code"}]},
     {"id": "long", "text": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. " * 4},
 ]
+
+
+def test_default_dtype_resolves_the_same_for_both_backends_before_anything_loads():
+    """`--dtype auto` is one decision (scoring/devices.py): float32 on this CPU for hf and vllm; their identities differ only in the backend."""
+    from scoring.backends import scorer_identity
+
+    hf, vl = scorer_identity(ScorerConfig(model="m", backend="hf")), scorer_identity(ScorerConfig(model="m", backend="vllm"))
+    expected = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    assert hf["dtype"] == vl["dtype"] == expected
+    assert {k: v for k, v in hf.items() if k != "backend"} == {k: v for k, v in vl.items() if k != "backend"}
 
 
 @pytest.mark.slow  # starts or uses a vLLM engine
