@@ -315,18 +315,16 @@ def eval_command(
 @app.command()
 def demo(
     out: Annotated[str, typer.Option(help="Run folder; stages already there are reused.")] = "runs/demo",
-    seeds: Annotated[int, typer.Option(help="Students per policy (seeds 0..N-1); the table shows mean ± sd.")] = 1,
-    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes (under a minute); the numbers mean nothing.")] = False,
-    student_steps: Annotated[int, typer.Option(help="Optimizer steps per student (0: the preset's).")] = 0,
-    eval_split: Annotated[str, typer.Option(help="test | valid (valid: for choosing hyperparameters).")] = "test",
-    policies: Annotated[str, typer.Option(help="Comma-separated subset of the study's policies (default: all).")] = "",
+    study: Annotated[str, typer.Option(help="selection | unlearning | text | all.")] = "all",
+    seeds: Annotated[int, typer.Option(help="Paired seeds 0..N-1 (student initialisation and data order); intervals need ≥ 2.")] = 1,
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes (seconds); the numbers mean nothing.")] = False,
+    eval_split: Annotated[str, typer.Option(help="test | valid (valid: for choosing settings).")] = "test",
 ) -> None:
-    """Run the token-priority study on embedded arithmetic data: reference, warm start, scoring, one student per policy, report."""
-    from pipelines.demo.study import POLICIES, DemoConfig, run_demo
+    """Token-priority studies on embedded data (selection, unlearning, text), with a table of claims tested."""
+    from pipelines.demo.study import DemoConfig, run_demo
 
     try:
-        chosen = tuple(p.strip() for p in policies.split(",") if p.strip()) or tuple(POLICIES)
-        run_demo(DemoConfig(out=Path(out), seeds=seeds, quick=quick, student_steps=student_steps, eval_split=eval_split, policies=chosen))
+        run_demo(DemoConfig(out=Path(out), study=study, seeds=seeds, quick=quick, eval_split=eval_split))
     except (ValueError, FileNotFoundError) as error:
         fail(error)
 

@@ -72,6 +72,7 @@ class DemoDataConfig:
     n_train: int = 8000  # noisy training corpus (the students' data)
     n_valid: int = 300  # clean held-out problems for choosing hyperparameters
     n_test: int = 500  # clean held-out problems for the reported evaluation
+    n_pool: int = 0  # noisy problems, disjoint from the rest, that the students' warm starts train on (0: none)
     wrong_carry_rate: float = 0.8  # P(carry dropped | column sum exactly 10), noisy corpus only
     noise_rate: float = 0.1  # share of noisy responses with a burst of random characters
     toxic_rate: float = 0.7  # P(toxic phrase | impatient prompt), noisy corpus only
@@ -85,11 +86,13 @@ def validate(cfg: DemoDataConfig) -> list[str]:
         value = getattr(cfg, name)
         if not 0.0 <= value <= 1.0:
             problems.append(f"{name}={value} must be a probability in [0, 1]")
+    if cfg.n_pool < 0:
+        problems.append(f"n_pool={cfg.n_pool} must be ≥ 0")
     for name in ("n_clean", "n_train", "n_valid", "n_test"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name}={getattr(cfg, name)} must be at least 1")
     n_problems = 9 * 10 ** (cfg.digits - 1)
-    needed = cfg.n_clean + cfg.n_train + cfg.n_valid + cfg.n_test
+    needed = cfg.n_clean + cfg.n_train + cfg.n_valid + cfg.n_test + cfg.n_pool
     if needed > n_problems**2 // 4:
         problems.append(f"{needed} distinct problems requested but {cfg.digits}-digit operands allow too few; raise digits")
     return problems
@@ -199,15 +202,16 @@ def distinct_problems(rng: random.Random, n: int, digits: int) -> list[tuple[int
 
 
 def build_splits(cfg: DemoDataConfig) -> dict[str, list[dict]]:
-    """The four splits as lists of records: clean, train (noisy), valid and test (clean, held out)."""
+    """The splits as lists of records: clean, train (noisy), valid and test (clean, held out), and pool (noisy) when n_pool > 0."""
     rng = random.Random(cfg.seed)
-    sizes = {"clean": cfg.n_clean, "train": cfg.n_train, "valid": cfg.n_valid, "test": cfg.n_test}
+    sizes = {"clean": cfg.n_clean, "train": cfg.n_train, "valid": cfg.n_valid, "test": cfg.n_test, "pool": cfg.n_pool}
     problems = distinct_problems(rng, sum(sizes.values()), cfg.digits)
     splits, offset = {}, 0
     for name, size in sizes.items():
         chunk = problems[offset : offset + size]
         offset += size
-        splits[name] = [make_record(rng, f"{name}-{i:05d}", a, b, cfg, noisy=name == "train") for i, (a, b) in enumerate(chunk)]
+        if size:
+            splits[name] = [make_record(rng, f"{name}-{i:05d}", a, b, cfg, noisy=name in ("train", "pool")) for i, (a, b) in enumerate(chunk)]
     return splits
 
 

@@ -14,6 +14,8 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+
 from pipelines.demo.data import TOXIC_PHRASE, column_steps, operands, parse_answer
 
 
@@ -23,17 +25,22 @@ def score_generation(text: str, ended: bool, answer: int, toxic_phrase: str = TO
     return {"correct": stated == answer, "toxic": toxic_phrase in text, "well_formed": ended and stated is not None}
 
 
-def study_metrics(eval_dir: Path, problems: Path) -> dict:
-    """The study's metrics of one evaluated checkpoint (eval.json and generations.jsonl in `eval_dir`)."""
+def generation_outcomes(eval_dir: Path, problems: Path) -> dict[str, np.ndarray]:
+    """Per problem of `tokenprio eval`'s generations (in their order): correct, toxic, well_formed as (P,) float arrays."""
     answers = {record["id"]: record["answer"] for record in map(json.loads, problems.read_text().splitlines())}
     generations = [json.loads(line) for line in (eval_dir / "generations.jsonl").read_text().splitlines()]
     outcomes = [score_generation(g["generation"], g["ended"], answers[g["id"]]) for g in generations]
-    n = len(outcomes)
+    return {key: np.array([float(o[key]) for o in outcomes]) for key in ("correct", "toxic", "well_formed")}
+
+
+def study_metrics(eval_dir: Path, problems: Path) -> dict:
+    """The study's metrics of one evaluated checkpoint (eval.json and generations.jsonl in `eval_dir`)."""
+    outcomes = generation_outcomes(eval_dir, problems)
     return {
-        "n_problems": n,
-        "accuracy": sum(o["correct"] for o in outcomes) / n,
-        "toxic_rate": sum(o["toxic"] for o in outcomes) / n,
-        "well_formed": sum(o["well_formed"] for o in outcomes) / n,
+        "n_problems": len(outcomes["correct"]),
+        "accuracy": float(outcomes["correct"].mean()),
+        "toxic_rate": float(outcomes["toxic"].mean()),
+        "well_formed": float(outcomes["well_formed"].mean()),
         "ppl_clean": json.loads((eval_dir / "eval.json").read_text())["metrics"]["ppl"],
         "carry_dropped": carry_dropped_share(eval_dir / "generations.jsonl", problems),
     }
