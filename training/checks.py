@@ -21,25 +21,46 @@ class CorpusSummary:
     label_names: list[str]  # sorted; the codes every rank and every resume agree on
 
 
-def scan_corpus(shards: ShardSet, groups: list[RowGroup], *, read_labels: bool) -> CorpusSummary:
-    """One pass over the corpus, a row group at a time: schema version of every shard, finite `weight`,
-    the longest row, the number of targets, and (when the priority reads labels) the label names.
+def first_bad_row(table, column: str, bad: np.ndarray) -> str:
+    """The `id` of the row holding the first flagged flat position of list column `column`."""
+    offsets = table.column(column).combine_chunks().offsets.to_numpy()
+    offsets = offsets - offsets[0]  # a sliced list array's offsets start where its values do
+    row = int(np.searchsorted(offsets, int(np.flatnonzero(bad)[0]), side="right")) - 1
+    return str(table.column("id")[row])
 
-    Raises ShardError naming the file, row group and fix.
+
+def scan_corpus(shards: ShardSet, groups: list[RowGroup], *, read_labels: bool, statistics: tuple[str, ...] = ()) -> CorpusSummary:
+    """One pass over the corpus, a row group at a time: schema version of every shard, finite `weight`, finite
+    `statistics` (the stored columns the Φ spec reads, e.g. ref_logprob) at every target, the longest row, the
+    number of targets, and (when the priority reads labels) the label names.
+
+    Raises ShardError naming the file, row group, column, first row id and fix.
     """
     for path in shards.paths:
         read_metadata(path)  # refuses an unknown schema MAJOR
     rows = targets = longest = 0
     labels: set[str] = set()
-    columns = ["n_tokens", "n_targets", "weight"] + (["label"] if read_labels else [])
+    columns = ["id", "n_tokens", "n_targets", "weight"] + (["label"] if read_labels else []) + (["loss_mask", *statistics] if statistics else [])
     for group in tqdm(groups, desc="checking shards", unit="group", leave=False, disable=len(groups) < 50):
         table = pq.ParquetFile(group.path).read_row_group(group.index, columns=columns)
         weight = pc.list_flatten(table.column("weight")).to_numpy(zero_copy_only=False)
         if not np.isfinite(weight).all():
             raise ShardError(
-                f"{group.path} row group {group.index}: column 'weight' has {int((~np.isfinite(weight)).sum())} non-finite values; "
+                f"{group.path} row group {group.index}: column 'weight' has {int((~np.isfinite(weight)).sum())} non-finite values "
+                f"(first in row {first_bad_row(table, 'weight', ~np.isfinite(weight))!r}); "
                 "recompute it with `tokenprio reweight`, or train with a --priority that does not read it."
             )
+        if statistics:  # position 0 of a row has no prediction (NaN by contract): only targets must be finite
+            mask = pc.list_flatten(table.column("loss_mask")).to_numpy(zero_copy_only=False)
+            for column in statistics:
+                values = pc.list_flatten(table.column(column)).to_numpy(zero_copy_only=False)
+                bad = mask & ~np.isfinite(values)
+                if bad.any():
+                    raise ShardError(
+                        f"{group.path} row group {group.index}: column {column!r} has {int(bad.sum())} non-finite values at targets "
+                        f"(first in row {first_bad_row(table, column, bad)!r}); the model that scored it returned NaN or infinity there. "
+                        f"Rescore those rows (tokenprio score / add-model), or train with a --priority that does not read {column}."
+                    )
         n_tokens = table.column("n_tokens").to_numpy()
         rows += table.num_rows
         targets += int(table.column("n_targets").to_numpy().sum())
