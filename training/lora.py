@@ -91,8 +91,9 @@ def apply_lora(model: nn.Module, settings: LoraSettings, base_path: Path, seed: 
     config = LoraConfig(
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, task_type="CAUSAL_LM",
         target_modules=ALL_LINEAR if body_targets == [ALL_LINEAR] else body_targets,
-        modules_to_save=[head] if train_head else None, base_model_name_or_path=str(Path(base_path).resolve()),
+        modules_to_save=[head] if train_head else None,
     )
+    model.name_or_path = str(Path(base_path).resolve())  # peft records it as the adapter's base_model_name_or_path
     torch.manual_seed(seed)
     try:
         peft_model = get_peft_model(model, config)
