@@ -34,7 +34,7 @@ from training.checkpoint import (
     UnsafeCheckpointError,
     decode_state,
     encode_state,
-    read_trainer_state,
+    read_state_file,
 )
 from training.distributed import Dist
 from training.guards import Diverged, check_finite_weights
@@ -144,7 +144,7 @@ def test_a_damaged_trainer_state_is_refused(tmp_path, shards, student):
     tree["optimizer"]["state"]["__items__"][0][1]["exp_avg"] = {"__tensor__": "t999"}
     state.write_text(json.dumps(tree))
     with pytest.raises(CheckpointError, match="refers to tensor 't999'"):
-        read_trainer_state(state.parent)
+        read_state_file(state.parent)
     state.write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         train(config(shards, student, run, steps=4, resume=True))

@@ -25,7 +25,7 @@ from train_shards import write_shards
 
 import training.checkpoint as checkpoint_module
 import training.train as train_module
-from training.checkpoint import read_trainer_state
+from training.checkpoint import read_state_file
 from training.guards import PREEMPTED_EXIT_CODE, Preempted
 from training.train import TrainConfig, train
 
@@ -66,25 +66,25 @@ def test_a_signal_saves_and_stops_and_a_second_during_the_save_changes_nothing(t
     cfg = TrainConfig(shards=shards, model=student, out=tmp_path / "whole", batch_tokens=96, steps=6, save_every=2, lora_r=4, lora_dropout=0.1)
     train(cfg)
     previous = signal.getsignal(signal.SIGTERM)
-    step_metrics, write_trainer_state = train_module.step_metrics, checkpoint_module.write_trainer_state
+    step_metrics, write_state_file = train_module.step_metrics, checkpoint_module.write_state_file
 
     def signalled_metrics(result, z, grad_norm, step, *args):
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)  # arrives while step 3 is being logged
         return step_metrics(result, z, grad_norm, step, *args)
 
-    def signalled_write(folder, state):
+    def signalled_write(folder, state, *args):
         os.kill(os.getpid(), signal.SIGUSR1)  # a second signal in the middle of the checkpoint
         time.sleep(0.05)
-        write_trainer_state(folder, state)
+        write_state_file(folder, state, *args)
 
     monkeypatch.setattr(train_module, "step_metrics", signalled_metrics)
-    monkeypatch.setattr(checkpoint_module, "write_trainer_state", signalled_write)
+    monkeypatch.setattr(checkpoint_module, "write_state_file", signalled_write)
     run = tmp_path / "run"
     with pytest.raises(Preempted, match=r"preempted at step 3; rerun with --resume") as caught:
         train(replace(cfg, out=run))
     assert caught.value.step == 3 and caught.value.checkpoint == run / "checkpoint-000003"
-    assert read_trainer_state(run / "checkpoint-000003")["step"] == 3  # complete
+    assert read_state_file(run / "checkpoint-000003")["step"] == 3  # complete
     assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-000002", "checkpoint-000003"]
     assert signal.getsignal(signal.SIGTERM) is previous  # the trainer's handlers are gone after the run
     monkeypatch.undo()
@@ -117,7 +117,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, shards, stude
     assert found, (out + err)[-2000:]
     step = int(found.group(1))
     assert 4 <= step < 30, "the run finished before the signal; the test proves nothing"
-    assert read_trainer_state(run / f"checkpoint-{step:06d}")["step"] == step
+    assert read_state_file(run / f"checkpoint-{step:06d}")["step"] == step
     assert not list(run.glob(".*.tmp"))
     subprocess.run(cli(shards, student, run, *extra, "--resume"), cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     whole = tmp_path / "whole"

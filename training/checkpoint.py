@@ -3,10 +3,12 @@
 RUN/checkpoint-NNNNNN/ holds the model (`save_pretrained`: model.safetensors, or under LoRA the PEFT
 adapter: adapter_config.json + adapter_model.safetensors), the tokenizer, and the trainer state as
 `trainer_state.json` (step, epoch, step in epoch, scheduler, optimizer hyperparameters; every tensor
-replaced by a reference) plus `trainer_state.safetensors` (optimizer moments, per-rank RNG states). Reading
-it runs no code: JSON and safetensors only; a `trainer_state.pt` (a pickle, as older versions wrote) is
-refused, never loaded. The folder is written as `.checkpoint-NNNNNN.tmp` and renamed, so a run killed at
-any moment, or stopped by a write error, leaves either a complete checkpoint or none.
+replaced by a reference) plus `trainer_state.safetensors` (optimizer moments, per-rank RNG states). Under
+FSDP each rank writes its own shard of the optimizer state, `optimizer-rankR.json` + `.safetensors`, so no
+rank ever holds the full AdamW state (resume needs the same world size, which the run record enforces).
+Reading runs no code: JSON and safetensors only; a `trainer_state.pt` (a pickle, as older versions wrote)
+is refused, never loaded. The folder is written as `.checkpoint-NNNNNN.tmp` and renamed, so a run killed
+at any moment, or stopped by a write error, leaves either a complete checkpoint or none.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-STATE_JSON = "trainer_state.json"
-STATE_TENSORS = "trainer_state.safetensors"
+STATE_STEM = "trainer_state"
+STATE_JSON, STATE_TENSORS = f"{STATE_STEM}.json", f"{STATE_STEM}.safetensors"
 PICKLED_STATE = "trainer_state.pt"  # written by older versions; refused
 STATE_FORMAT = 1
 METRICS_NAME = "metrics.jsonl"
@@ -60,7 +62,7 @@ def encode_state(value, tensors: dict[str, torch.Tensor]):
     """A JSON-able tree of `value`; each tensor is moved into `tensors` under a fresh name and referenced."""
     if isinstance(value, torch.Tensor):
         name = f"t{len(tensors)}"
-        tensors[name] = value.detach().cpu().contiguous().clone()  # safetensors refuses shared storage
+        tensors[name] = value.detach().cpu().contiguous()  # state tensors never share storage (safetensors would refuse it)
         return {"__tensor__": name}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -92,17 +94,19 @@ def decode_state(tree, tensor: Callable[[str], torch.Tensor]):
     return {k: decode_state(v, tensor) for k, v in tree.items()}
 
 
-def write_trainer_state(folder: Path, state: dict) -> None:
+def write_state_file(folder: Path, state: dict, stem: str = STATE_STEM) -> None:
+    """`stem`.safetensors (the tensors), then `stem`.json (the tree that refers to them)."""
     tensors: dict[str, torch.Tensor] = {}
     tree = {"format": STATE_FORMAT, **encode_state(state, tensors)}
-    save_file(tensors, folder / STATE_TENSORS)
-    (folder / STATE_JSON).write_text(json.dumps(tree, indent=1) + "\n")
+    save_file(tensors, folder / f"{stem}.safetensors")
+    (folder / f"{stem}.json").write_text(json.dumps(tree, indent=1) + "\n")
 
 
-def read_trainer_state(folder: Path, skip: tuple[str, ...] = ()) -> dict:
-    """The trainer state of a checkpoint folder, without the top-level entries in `skip` (their tensors are not read).
+def read_state_file(folder: Path, stem: str = STATE_STEM, skip: tuple[str, ...] = ()) -> dict:
+    """A state file pair of a checkpoint folder, without the top-level entries in `skip` (their tensors are not read).
 
-    Raises UnsafeCheckpointError for a pickled state and CheckpointError for a missing or malformed one.
+    Raises UnsafeCheckpointError when the folder holds a pickled state and CheckpointError for a missing or
+    malformed one.
     """
     pickled = folder / PICKLED_STATE
     if pickled.exists():
@@ -111,9 +115,9 @@ def read_trainer_state(folder: Path, skip: tuple[str, ...] = ()) -> dict:
             f"Resume only from checkpoints that hold {STATE_JSON} + {STATE_TENSORS} (written by this version), or start a new run "
             "with another --out; to keep the weights, train from the checkpoint's model files as a new student."
         )
-    path = folder / STATE_JSON
-    if not path.exists() or not (folder / STATE_TENSORS).exists():
-        raise CheckpointError(f"{folder}: no {STATE_JSON} and {STATE_TENSORS}; not a tokenprio checkpoint, or not a complete one. "
+    path, tensors_path = folder / f"{stem}.json", folder / f"{stem}.safetensors"
+    if not path.exists() or not tensors_path.exists():
+        raise CheckpointError(f"{folder}: no {path.name} and {tensors_path.name}; not a tokenprio checkpoint, or not a complete one. "
                               "Remove the folder to resume from the previous checkpoint, or start a new run with another --out.")
     try:
         tree = json.loads(path.read_text())
@@ -122,12 +126,12 @@ def read_trainer_state(folder: Path, skip: tuple[str, ...] = ()) -> dict:
     if not isinstance(tree, dict) or tree.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: unknown trainer-state format {tree.get('format') if isinstance(tree, dict) else tree!r} "
                               f"(this version reads {STATE_FORMAT}); resume with the tokenprio version that wrote it.")
-    with safe_open(folder / STATE_TENSORS, framework="pt") as stored:
+    with safe_open(tensors_path, framework="pt") as stored:
         names = set(stored.keys())
 
         def tensor(name: str) -> torch.Tensor:
             if name not in names:
-                raise CheckpointError(f"{path}: refers to tensor {name!r}, which {STATE_TENSORS} does not hold; the checkpoint is damaged.")
+                raise CheckpointError(f"{path}: refers to tensor {name!r}, which {tensors_path.name} does not hold; the checkpoint is damaged.")
             return stored.get_tensor(name)
 
         return {key: decode_state(value, tensor) for key, value in tree.items() if key not in skip and key != "format"}
@@ -146,37 +150,48 @@ def set_rng_state(flat: torch.Tensor) -> None:
         torch.cuda.set_rng_state_all(list(flat[cpu:].clone().view(torch.cuda.device_count(), -1)))
 
 
-# ---- writing a checkpoint folder
+# ---- writing a checkpoint folder: a temporary folder, its files, then one rename
 
 
-def save_checkpoint(run: Path, step: int, write_model: Callable[[Path], None], tokenizer, trainer_state: dict) -> Path:
-    """Write model (`write_model(folder)`), tokenizer and trainer state (last) to a temporary folder, then rename it.
+def staging_dir(run: Path, step: int) -> Path:
+    return run / f".{checkpoint_dir(run, step).name}.tmp"
 
-    An OSError on the way (no space, I/O error, permission) removes the temporary folder and raises
-    CheckpointWriteError naming the checkpoint and the cause; earlier checkpoints are never touched.
-    """
-    final = checkpoint_dir(run, step)
-    tmp = run / f".{final.name}.tmp"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write_model(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_trainer_state(tmp, trainer_state)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        cause = f"{errno.errorcode.get(error.errno, 'error')}: {error.strerror}" if error.errno else str(error)
-        where = f" (at {error.filename})" if error.filename else ""
-        failure = CheckpointWriteError(
-            f"{final}: could not write the checkpoint: {cause}{where}. Nothing partial was kept and earlier checkpoints "
-            "are intact; free space or fix the folder's permissions, then rerun the same command with --resume."
-        )
-        failure.errno = error.errno
-        raise failure from error
+
+def start_checkpoint(run: Path, step: int) -> Path:
+    """A fresh, empty temporary folder for checkpoint `step` (a leftover of a killed run is removed)."""
+    tmp = staging_dir(run, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def finish_checkpoint(run: Path, step: int, write_model: Callable[[Path], None], tokenizer, trainer_state: dict) -> Path:
+    """Write model (`write_model(folder)`), tokenizer and trainer state (last) into the temporary folder, then rename it."""
+    tmp, final = staging_dir(run, step), checkpoint_dir(run, step)
+    write_model(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_state_file(tmp, trainer_state)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
     return final
+
+
+def write_failure(run: Path, step: int, error: OSError | None) -> CheckpointWriteError:
+    """Remove the temporary folder and describe the failure: the checkpoint's path, the cause, what is left, the fix.
+    `error` is None on ranks that only learnt that another rank failed."""
+    shutil.rmtree(staging_dir(run, step), ignore_errors=True)
+    final = checkpoint_dir(run, step)
+    if error is None:
+        return CheckpointWriteError(f"{final}: another rank could not write its part of the checkpoint; see its message.")
+    cause = f"{errno.errorcode.get(error.errno, 'error')}: {error.strerror}" if error.errno else str(error)
+    where = f" (at {error.filename})" if error.filename else ""
+    failure = CheckpointWriteError(
+        f"{final}: could not write the checkpoint: {cause}{where}. Nothing partial was kept and earlier checkpoints "
+        "are intact; free space or fix the folder's permissions, then rerun the same command with --resume."
+    )
+    failure.errno = error.errno
+    return failure
 
 
 def truncate_metrics(run: Path, step: int) -> None:

@@ -13,17 +13,17 @@ reduce-scatter gradients in float32 (`MixedPrecisionPolicy(param_dtype=bf16, red
 root keeps float32, so the output head runs in float32 as on one process. Sharded master weights and
 AdamW state stay float32. With float32 compute (CPU) there is no policy at all.
 
-Checkpoints gather full tensors to rank 0 on the CPU, one tensor at a time (model: the Hugging Face or
-PEFT folder that one process loads; optimizer: `get_optimizer_state_dict(full_state_dict=True,
-cpu_offload=True)`); resume scatters the optimizer state back (`broadcast_from_rank0`). Intermediate
-checkpoints use the same format, not torch.distributed.checkpoint, whose metadata file is a pickle.
+Checkpoints: the model is gathered to rank 0 on the CPU one tensor at a time and written as the Hugging
+Face or PEFT folder that one process loads; the optimizer state stays sharded: each rank writes its local
+shards (safetensors + JSON, training/checkpoint.py) and reads them back into DTensors of the same
+placement on resume (same world size). Neither uses torch.distributed.checkpoint, whose metadata file is
+a pickle.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
@@ -63,12 +63,19 @@ def gather_to_rank0(named: dict[str, torch.Tensor], main: bool) -> dict[str, tor
     return gathered if main else None
 
 
-def full_optimizer_state(core: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's full state keyed by parameter name, on rank 0's CPU (an empty dict elsewhere)."""
-    return get_optimizer_state_dict(core, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with each DTensor moment replaced by this rank's local shard (no communication)."""
+    state = optimizer.state_dict()
+    local = {i: {k: v.to_local() if isinstance(v, DTensor) else v for k, v in moments.items()} for i, moments in state["state"].items()}
+    return {"state": local, "param_groups": state["param_groups"]}
 
 
-def load_full_optimizer_state(core: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Shard a full optimizer state (given on rank 0; `{}` elsewhere) back onto every rank."""
-    set_optimizer_state_dict(core, optimizer, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-
+def load_local_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """The inverse of local_optimizer_state: each local shard becomes a DTensor placed like its parameter, then loaded."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in state["param_groups"] for i in group["params"]]
+    for i, p in zip(ids, params):
+        for key, value in state["state"].get(i, {}).items():
+            if isinstance(p, DTensor) and value.dim() > 0:  # the moments; `step` is a plain scalar
+                state["state"][i][key] = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    optimizer.load_state_dict(state)

@@ -19,7 +19,17 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from training.checkpoint import CheckpointWriteError, checkpoint_dir, read_trainer_state, rng_state, save_checkpoint, set_rng_state
+from training.checkpoint import (
+    checkpoint_dir,
+    finish_checkpoint,
+    read_state_file,
+    rng_state,
+    set_rng_state,
+    staging_dir,
+    start_checkpoint,
+    write_failure,
+    write_state_file,
+)
 from training.distributed import Dist, all_gather_flat, any_rank
 from training.guards import check_finite_weights
 from training.lora import LoraSettings, apply_lora, load_adapter
@@ -93,50 +103,71 @@ def grad_norm_value(norm: torch.Tensor) -> float:
 # ---- checkpoints: collectives every rank calls at the same step
 
 
+def optimizer_shard(rank: int) -> str:
+    return f"optimizer-rank{rank}"
+
+
+def agree(action, run: Path, step: int, ctx: Dist) -> None:
+    """Run this rank's part of writing checkpoint `step`; if any rank hit an OSError, every rank raises (rank 0's or
+    this rank's message, the temporary folder removed)."""
+    error = None
+    try:
+        action()
+    except OSError as caught:
+        error = caught
+    if any_rank(error is not None, ctx):
+        raise write_failure(run, step, error)
+
+
 def save_student(run: Path, step: int, student: Student, tokenizer, optimizer, counters: dict, scheduler, ctx: Dist,
                  device: torch.device) -> Path:
-    """Check the weights are finite, gather what is sharded, and let rank 0 write checkpoint `step`; every rank agrees
-    on the outcome, so a write error stops all of them with rank 0's message."""
+    """Check the weights are finite, gather what is sharded, and write checkpoint `step`: rank 0 the model, tokenizer
+    and trainer state, every rank its optimizer shard under FSDP. Every rank agrees on the outcome, so a write
+    error stops all of them with the failing rank's message and nothing partial left."""
     check_finite_weights(student.trainable, step, ctx)
+    # ---- what is sharded or per rank, gathered (collectives, every rank)
+    weights = None
     if student.strategy.fsdp:
-        from training.fsdp import full_optimizer_state, gather_to_rank0
+        from training.fsdp import gather_to_rank0, local_optimizer_state
 
-        named = dict(student.peft_model.named_parameters()) if student.peft_model is not None else student.model.state_dict()
-        if student.peft_model is not None:
-            named = {name: p for name, p in named.items() if p.requires_grad}
+        named = ({n: p for n, p in student.peft_model.named_parameters() if p.requires_grad} if student.peft_model is not None
+                 else student.model.state_dict())
         weights = gather_to_rank0(named, ctx.main)
-        optimizer_state = full_optimizer_state(student.core, optimizer)
-    else:
-        weights, optimizer_state = None, optimizer.state_dict()
     rngs = [t.cpu() for t in all_gather_flat(rng_state().to(device), ctx)]  # RNG of every rank (dropout), by rank
     saver = student.peft_model if student.peft_model is not None else student.model
 
     def write_model(folder: Path) -> None:
         saver.save_pretrained(folder, state_dict=weights)  # weights=None: the module's own (unsharded) state
 
-    failure = None
-    if ctx.main:
-        state = {**counters, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rngs}
-        try:
-            save_checkpoint(run, step, write_model, tokenizer, state)
-        except CheckpointWriteError as error:
-            failure = error
-    if any_rank(failure is not None, ctx):
-        raise failure or CheckpointWriteError(f"rank 0 could not write {checkpoint_dir(run, step)}; see its message.")
+    state = {**counters, "scheduler": scheduler.state_dict(), "rng": rngs}
+    if not student.strategy.fsdp:
+        state["optimizer"] = optimizer.state_dict()
+    # ---- the temporary folder (rank 0), each rank's optimizer shard (FSDP), then model, state and rename (rank 0)
+    agree(lambda: start_checkpoint(run, step) if ctx.main else None, run, step, ctx)
+    if student.strategy.fsdp:
+        agree(lambda: write_state_file(staging_dir(run, step), {"optimizer": local_optimizer_state(optimizer)}, optimizer_shard(ctx.rank)),
+              run, step, ctx)
+    agree(lambda: finish_checkpoint(run, step, write_model, tokenizer, state) if ctx.main else None, run, step, ctx)
     return checkpoint_dir(run, step)
 
 
 def read_resume_state(latest: Path, strategy: Strategy, ctx: Dist) -> dict:
-    """A checkpoint's trainer state (under FSDP only rank 0 reads the optimizer; it scatters it on restore)."""
-    return read_trainer_state(latest, skip=("optimizer",) if strategy.fsdp and not ctx.main else ())
+    """A checkpoint's trainer state; under FSDP with this rank's shard of the optimizer state."""
+    state = read_state_file(latest)
+    if strategy.fsdp:
+        if not (latest / f"{optimizer_shard(ctx.rank)}.json").exists():
+            raise ValueError(f"{latest}: holds no optimizer shard for rank {ctx.rank}; resume an FSDP run with --fsdp and the number of "
+                             "processes it was started with (world_size in the run's config.json).")
+        state["optimizer"] = read_state_file(latest, optimizer_shard(ctx.rank))["optimizer"]
+    return state
 
 
 def restore_trainer_state(state: dict, student: Student, optimizer, scheduler, ctx: Dist) -> None:
-    """Optimizer moments (scattered to the shards under FSDP), schedule and this rank's RNG."""
+    """Optimizer moments (local shards placed back into DTensors under FSDP), schedule and this rank's RNG."""
     if student.strategy.fsdp:
-        from training.fsdp import load_full_optimizer_state
+        from training.fsdp import load_local_optimizer_state
 
-        load_full_optimizer_state(student.core, optimizer, state.get("optimizer", {}))
+        load_local_optimizer_state(optimizer, state["optimizer"])
     else:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
