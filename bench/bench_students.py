@@ -2,7 +2,7 @@
 2 ranks (and TRL + peft LoRA when trl is installed), on identical global batches; peak RSS per process (per rank
 under torchrun) and tokens/s. Then a projected-memory table for 1B and 8B students (arithmetic, see `project`).
 
-    .venv/bin/python bench/bench_students.py [--steps 3] [--rounds 1] [--row-tokens 1024] [--cores 2]
+    .venv/bin/python bench/bench_students.py [--steps 2] [--rounds 1] [--row-tokens 1024] [--cores 2]
     .venv/bin/python bench/bench_students.py --project       # only the projected-memory table
 
 Model: a ~95M-parameter Llama built from a config (hidden 768, 8 layers, MLP 2048, 12 heads, tied embeddings,
@@ -13,7 +13,8 @@ Shakespeare (data/tinyshakespeare) cut into records of 6,000 characters, written
 with --grad-accum 1 each; the data order is the same, so every method trains on the same global batches.
 
 Methods, each (method, round) in fresh processes (peak RSS = ru_maxrss of each process, model loading
-included), in alternating order across rounds:
+included; glibc's mmap threshold fixed at 128 KiB so that freed tensors leave RSS), in alternating order
+across rounds:
   full       tokenprio train, full fine-tuning, 1 process with --cores threads
   full_ckpt  the same with --gradient-checkpointing
   lora       --lora-r 16 (α 32, every linear layer of the body; the head frozen)
@@ -170,7 +171,10 @@ def measure(method: str, args) -> dict | None:
               "--threads", str(threads)]
     command = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script] if ranks > 1
                else [sys.executable, *script])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+    # A fixed mmap threshold: glibc then returns every large freed block to the system at once, so peak RSS follows the
+    # tensors alive at each moment; with its default (a threshold that grows) freed activations stay in the heap and
+    # the peak reflects the allocator's history as much as the method.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "MALLOC_MMAP_THRESHOLD_": "131072"}
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     found = sorted(args.work.glob(f"result-{method}-rank*.json"))
@@ -188,7 +192,7 @@ def measure(method: str, args) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per run (after one warm-up step)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--row-tokens", type=int, default=1024)
     parser.add_argument("--cores", type=int, default=2, help="threads per method: one process gets all, each of 2 ranks half")

@@ -1,4 +1,4 @@
-"""GPU check of real-size students: a ~1.2B-parameter Llama on one GPU, bfloat16 autocast, tokenprio's training step;
+"""GPU check of real-size students: a 1.24B-parameter Llama on one GPU, bfloat16 autocast, tokenprio's training step;
 full fine-tuning, LoRA r = 16, each with and without activation checkpointing: tokens/s, peak GPU memory, MFU.
 
     python bench/gpu_students.py [--out runs/gpu_students.json] [--steps 12] [--seq 2048] [--rows 4] [--wheels DIR]
@@ -7,7 +7,7 @@ full fine-tuning, LoRA r = 16, each with and without activation checkpointing: t
 Needs only torch ≥ 2.11 and transformers ≥ 5.17, plus peft for the LoRA cases: `--wheels DIR` puts every
 *.whl in DIR on sys.path (peft and accelerate are pure Python, so their wheels import as they are; e.g.
 `pip download peft==0.21.2 accelerate --no-deps -d wheels/`). Nothing is downloaded: the model is built from a
-config (Llama-3.2-1B's shape, untied head: hidden 2048, 16 layers, 32/8 heads, MLP 8192, vocabulary 128,256)
+config (Llama-3.2-1B's shape: hidden 2048, 16 layers, 32/8 heads, MLP 8192, vocabulary 128,256, tied head)
 with random weights, the data are random token ids. It imports from this repository only what runs the step
 (training.lora, training.head, training.loss, scoring.stats), not the shard reader, so pyarrow is not needed.
 
@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ("full", "full_ckpt", "lora", "lora_ckpt")
 SHAPE = {"vocab_size": 128_256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-         "num_key_value_heads": 8, "tie_word_embeddings": False}
+         "num_key_value_heads": 8, "tie_word_embeddings": True}
 TINY = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 2, "tie_word_embeddings": False}
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}  # dense bf16, no sparsity
@@ -179,7 +179,7 @@ def main() -> None:
         command += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
         try:
             done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                                  timeout=args.timeout)
+                                  timeout=args.timeout, check=False)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             results["cases"][case] = json.loads(lines[-1][7:]) if done.returncode == 0 and lines else {"error": done.stderr[-3000:]}
         except subprocess.TimeoutExpired:

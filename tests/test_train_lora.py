@@ -195,7 +195,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, shards, lora
     for checkpointing in (False, True):
         student = built(tokenizer, Strategy(lora=lora, fsdp=False, gradient_checkpointing=checkpointing))
         calls = []
-        student.model.base_model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))  # the recompute stops early: no post-hook
+        student.model.base_model.layers[0].register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))  # the recompute stops early: no post-hook
         accumulate_step(student.core, student.core, mbs, settings(), 0, ONE)
         grads.append({n: p.grad for n, p in student.model.named_parameters() if p.requires_grad})
         forwards.append(len(calls))
@@ -210,7 +210,7 @@ def test_frozen_head_skips_its_weight_gradient():
     head = torch.nn.Linear(16, 50, bias=False)
     hidden = torch.randn(23, 16, requires_grad=True)
     targets, phi = torch.randint(0, 50, (23,)), torch.randn(23)
-    run = lambda: fused_weighted_head(head, hidden, targets, phi, neg_loss="clip", clip_nats=3.0, chunk_rows=5)[0]  # noqa: E731
+    run = lambda: fused_weighted_head(head, hidden, targets, phi, neg_loss="clip", clip_nats=3.0, chunk_rows=5)[0]
     trainable_grad = torch.autograd.grad(run(), hidden)[0]
     head.weight.requires_grad_(False)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:

@@ -317,7 +317,7 @@ def test_fused_head_equals_autograd_through_token_stats(neg_loss):
 def test_rho1_selects_exactly_top_k_of_the_global_batch(shards, tokenizer, label_names, kind):
     student = make_student(tokenizer, kind)
     mbs = micro_batches(shards, label_names, count=3)
-    settings, loss = settings_for("rho1(k=0.37)", "selected", label_names)
+    settings, _ = settings_for("rho1(k=0.37)", "selected", label_names)
     phis = global_priority(student.core, mbs, settings, 0, ONE)  # FSDP: `statistics` runs inside the root's all-gather
     # Reference: excess = NLL_student − NLL_ref over all candidates of all micro-batches together.
     with torch.no_grad():
@@ -353,7 +353,7 @@ def test_negative_phi_raises_negative_nll_and_lowers_positive_nll(tmp_path, toke
         # Near-uniform start (NLL ≈ ln V, below the clip at 8 nats); under LoRA the frozen head is shrunk less, so that
         # the adapters' changes to the hidden states move the logits.
         divide = 4.0 if "lora" in kind else 20.0
-        student = make_student(tokenizer, kind, prepare=lambda m: m.lm_head.weight.data.div_(divide), chunk_rows=64, **loss)
+        student = make_student(tokenizer, kind, prepare=lambda m, divide=divide: m.lm_head.weight.data.div_(divide), chunk_rows=64, **loss)
         core = student.core
         optimizer = torch.optim.AdamW(student.trainable, lr=3e-3 if "lora" not in kind else 3e-2)  # the adapters start small
         history = []
@@ -397,7 +397,7 @@ def test_dft_weights_come_from_the_student_in_the_same_pass(shards, tokenizer, l
 def test_rho1_micro_scope_selects_per_micro_batch(shards, tokenizer, label_names, kind):
     student = make_student(tokenizer, kind)
     mbs = micro_batches(shards, label_names, count=3)
-    settings, loss = settings_for("rho1(k=0.37, scope=micro)", "selected", label_names)
+    settings, _ = settings_for("rho1(k=0.37, scope=micro)", "selected", label_names)
     assert not settings.prepass
     counts = accumulate_step(student.core, student.core, mbs, settings, 0, ONE).counts
     assert int(counts.selected) == sum(math.ceil(0.37 * int(mb.tokens["loss_mask"].sum())) for mb in mbs)
