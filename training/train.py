@@ -22,9 +22,8 @@ from tqdm import tqdm
 
 from scoring.devices import dtype_name, resolve_dtype
 from scoring.priority import Priority, default_normalize, parse_priority
-from scoring.shards import ShardSet, manifest_checksum, open_shards
+from scoring.shards import ShardSet, manifest_checksum, open_shards, write_text_atomic
 from scoring.stats import DEFAULT_LOGITS_BUDGET_BYTES, check_head_matches_logits, chunk_rows_for_budget
-from scoring.shards import write_text_atomic
 from training.checkpoint import METRICS_NAME, checkpoint_dir, latest_checkpoint, truncate_metrics
 from training.checks import CorpusSummary, check_student, scan_corpus
 from training.data import RowGroup, count_micro_batches, iter_epoch, row_groups
@@ -157,7 +156,8 @@ def check_inputs(cfg: TrainConfig, device: torch.device) -> Inputs:
             f"with `tokenprio reweight {cfg.shards} --priority '{cfg.priority}' --out NEW` and train with the spec it records."
         )
     groups = row_groups(shards)
-    summary = scan_corpus(shards, groups, read_labels="label" in priority.columns, statistics=tuple(sorted(priority.columns - {"weight", "label"})))
+    statistics = tuple(sorted(priority.columns - {"weight", "label"}))  # e.g. ref_logprob: must be finite at every target
+    summary = scan_corpus(shards, groups, read_labels="label" in priority.columns, statistics=statistics)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     model, origin = load_student(cfg.model, cfg.seed)
     check_student(shards, tokenizer, model.config, summary, str(cfg.model))
