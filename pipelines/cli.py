@@ -247,10 +247,10 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint folder of `tokenprio train` (RUN/checkpoint-NNNNNN).")],
     out: Annotated[Path, typer.Option(help="New folder for the exported model (must not exist).")],
     merge: Annotated[bool, typer.Option("--merge", help="LoRA checkpoints: merge the adapter into the base weights (a plain model folder).")] = False,
-    base: Annotated[Optional[Path], typer.Option(help="LoRA: the base model folder (default: the adapter's base_model_name_or_path).")] = None,
+    base: Annotated[Optional[Path], typer.Option(help="With --merge: the base model folder (default: the adapter's base_model_name_or_path).")] = None,
 ) -> None:
     """Write a checkpoint as a model folder without trainer state: the model (LoRA: the adapter, or with --merge
-    the merged model) and its tokenizer, loadable with AutoModelForCausalLM and vLLM."""
+    the merged model, which AutoModelForCausalLM and vLLM load) and its tokenizer."""
     from pipelines.export import ExportConfig, export as run_export
 
     try:

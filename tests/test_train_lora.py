@@ -11,6 +11,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import build_model
@@ -265,3 +266,26 @@ def test_export_command(lora_run, tmp_path):
     assert (tmp_path / "m" / "model.safetensors").exists()
     result = CliRunner().invoke(app, ["export", str(lora_run), "--merge", "--out", str(tmp_path / "m")])
     assert result.exit_code == 1 and "already exists" in result.output
+
+
+@pytest.mark.vllm
+@pytest.mark.slow  # starts a vLLM engine (about a minute on 2 CPU cores)
+def test_vllm_loads_the_merged_folder_and_scores_like_base_plus_adapter(lora_run, student, tokenizer, tmp_path):
+    from peft import PeftModel
+    from test_vllm_backend import TOLERANCE, start_engine
+    from transformers import AutoModelForCausalLM
+
+    from scoring.vllm_backend import close_vllm_engine, score_windows_vllm
+
+    out = export(ExportConfig(checkpoint=lora_run, out=tmp_path / "merged", merge=True))
+    engine = start_engine(out, "exact")  # skips without vllm (fails under TOKENPRIO_REQUIRE_VLLM=1)
+    try:
+        ids = tokenizer("The quick brown fox jumps over the lazy dog. To be, or not to be")["input_ids"]
+        ((logprob, _entropy),) = score_windows_vllm(engine, [ids])
+    finally:
+        close_vllm_engine(engine)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student, dtype=torch.float64), lora_run).eval()
+    with torch.no_grad():
+        reference = torch.log_softmax(adapted(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
+    reference = reference.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1).numpy()
+    assert np.isnan(logprob[0]) and np.abs(logprob[1:] - reference).max() < TOLERANCE
