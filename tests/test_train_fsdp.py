@@ -113,3 +113,17 @@ def test_fsdp_run_preempted_by_sigterm_resumes_exactly(setup, lora):
     a, b = load_file(preempted / "checkpoint-000024" / name), load_file(whole / "checkpoint-000024" / name)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [m["loss"] for m in metrics(preempted)] == [m["loss"] for m in metrics(whole)]
+
+
+def test_fsdp_in_bfloat16_keeps_float32_master_weights_and_tracks_one_process(setup):
+    """--dtype bfloat16: the layers all-gather and compute in bfloat16 and reduce in float32 (MixedPrecisionPolicy),
+    one process uses autocast; the losses agree to bfloat16 precision and the saved weights are the float32 masters."""
+    shards, student, root = setup
+    one, two = root / "bf16-one", root / "bf16-fsdp"
+    run([TOKENPRIO, *args(shards, student, one, 2, 3, "--dtype", "bfloat16")])
+    run(torchrun(*args(shards, student, two, 1, 3, "--dtype", "bfloat16", "--fsdp")))
+    assert json.loads((two / "config.json").read_text())["dtype"].startswith("bfloat16")
+    weights = load_file(two / "checkpoint-000003" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32} and all(t.isfinite().all() for t in weights.values())
+    for x, y in zip(metrics(one), metrics(two)):
+        assert x["loss"] == pytest.approx(y["loss"], rel=5e-3)
