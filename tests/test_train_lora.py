@@ -260,6 +260,24 @@ def test_export_without_merge_copies_the_model_without_trainer_state(lora_run, s
         export(ExportConfig(checkpoint=lora_run, out=tmp_path / "z", merge=True, base=tmp_path / "nowhere"))
 
 
+def test_eval_reads_a_lora_checkpoint_as_base_plus_adapter(lora_run, student, tokenizer, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.evaluate import EvalConfig, evaluate
+
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps({"text": "The quick brown fox jumps over the lazy dog."}) + "\n")
+    metrics = evaluate(EvalConfig(checkpoint=lora_run, records=records))
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student, dtype=torch.float64), lora_run).eval()
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"] + [tokenizer.eos_token_id]
+    with torch.no_grad():
+        logp = torch.log_softmax(adapted(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
+    nll = -logp.gather(-1, torch.tensor(ids[1:])[:, None]).mean().item()
+    assert metrics["n_targets"] == len(ids) - 1
+    assert metrics["nll"] == pytest.approx(nll, rel=1e-5)  # the adapter is applied, not the bare base
+
+
 def test_export_command(lora_run, tmp_path):
     result = CliRunner().invoke(app, ["export", str(lora_run), "--merge", "--out", str(tmp_path / "m")])
     assert result.exit_code == 0, result.output
