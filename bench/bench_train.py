@@ -248,7 +248,7 @@ def run_alternating_steps(shards: Path, model_dir: Path, steps: int, batch_token
                                 with_entropy=False, label_names=[], device=torch.device("cpu"))
         core = StudentLoss(models[name], chunk_rows, None, TokenLoss(neg_loss="clip", clip_nats=math.log(vocab)))
         result = accumulate_step(core, core, [mb], settings, 0, one)
-        apply_update(models[name], optimizers[name], normalizer(result.counts, settings.normalize), 1.0, one, print, 0)
+        apply_update(models[name], optimizers[name], result, normalizer(result.counts, settings.normalize), 1.0, one, print, 0, "none")
         optimizers[name].zero_grad(set_to_none=True)
 
     def bare_step(mb) -> None:

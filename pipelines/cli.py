@@ -272,8 +272,17 @@ def train(
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 (autocast; master weights and the output layer stay float32). auto: bfloat16 on a CUDA GPU that supports it, else float32.")] = "auto",
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: final only).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")] = False,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank: train low-rank adapters on a frozen student (0: full fine-tuning).")] = 0,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA: scale α, the update is (α/r)·BA (default 2r).")] = None,
+    lora_dropout: Annotated[Optional[float], typer.Option(help="LoRA: dropout on the adapters' input (default 0).")] = None,
+    lora_targets: Annotated[Optional[str], typer.Option(help="LoRA: comma-separated module names, or all-linear (default: every linear layer of the body). Add lm_head to train the output head in full.")] = None,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP.")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute each decoder layer's activations in backward: less memory, about a third more compute.")] = False,
 ) -> None:
-    """Train a student on scored shards with per-token priority weights Φ (also under torchrun)."""
+    """Train a student on scored shards with per-token priority weights Φ (also under torchrun).
+
+    Exits with status 75 after saving a checkpoint when SIGTERM or SIGUSR1 arrives; rerun with --resume."""
+    from training.guards import PREEMPTED_EXIT_CODE, Diverged, Preempted
     from training.train import TrainConfig, train as run_train
 
     try:
@@ -282,9 +291,30 @@ def train(
             neg_clip_nats=neg_clip_nats, neg_ramp=neg_ramp, neg_ref=neg_ref, npo_beta=npo_beta, refclip_nats=refclip_nats,
             anchor_kl=anchor_kl, batching=batching, steps=steps, epochs=epochs, lr=lr, warmup_ratio=warmup_ratio,
             batch_tokens=batch_tokens, grad_accum=grad_accum, seed=seed, dtype=dtype, save_every=save_every, resume=resume,
+            lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, fsdp=fsdp,
+            gradient_checkpointing=gradient_checkpointing,
         )
         typer.echo(run_train(cfg))
-    except (ValueError, FileNotFoundError) as error:
+    except Preempted:  # the trainer printed "preempted at step N; rerun with --resume"
+        raise typer.Exit(code=PREEMPTED_EXIT_CODE)
+    except (ValueError, OSError, Diverged) as error:
+        fail(error)
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint folder of `tokenprio train` (RUN/checkpoint-NNNNNN).")],
+    out: Annotated[Path, typer.Option(help="New folder for the exported model (must not exist).")],
+    merge: Annotated[bool, typer.Option("--merge", help="LoRA checkpoints: merge the adapter into the base weights (a plain model folder).")] = False,
+    base: Annotated[Optional[Path], typer.Option(help="With --merge: the base model folder (default: the adapter's base_model_name_or_path).")] = None,
+) -> None:
+    """Write a checkpoint as a model folder without trainer state: the model (LoRA: the adapter, or with --merge
+    the merged model, which AutoModelForCausalLM and vLLM load) and its tokenizer."""
+    from pipelines.export import ExportConfig, export as run_export
+
+    try:
+        typer.echo(run_export(ExportConfig(checkpoint=checkpoint, out=out, merge=merge, base=base)))
+    except (ValueError, OSError) as error:
         fail(error)
 
 

@@ -47,7 +47,7 @@ class EvalConfig:
 
 def validate(cfg: EvalConfig) -> list[str]:
     problems = []
-    if not (Path(cfg.checkpoint) / "config.json").is_file():
+    if not any((Path(cfg.checkpoint) / name).is_file() for name in ("config.json", "adapter_config.json")):  # a LoRA checkpoint: base + adapter
         problems.append(f"checkpoint {cfg.checkpoint} has no config.json; pass a HF model folder (e.g. RUN/checkpoint-000500).")
     if not Path(cfg.records).is_file():
         problems.append(f"--records {cfg.records}: no such file.")

@@ -33,29 +33,31 @@ def setup(tmp_path_factory, tokenizer):
     return write_shards(root / "shards", tokenizer, n_rows=48, n_shards=4, seed=4), root / "student", root
 
 
-def args(shards, student, out, grad_accum: int) -> list[str]:
+def args(shards, student, out, grad_accum: int, *extra: str) -> list[str]:
     # Global rho1 (a gather across ranks) times signed stored weights (per_sign counts all-reduced).
     return ["train", str(shards), "--model", str(student), "--out", str(out), "--batch-tokens", "96", "--steps", "4",
-            "--grad-accum", str(grad_accum), "--priority", "rho1(k=0.5) * stored"]
+            "--grad-accum", str(grad_accum), "--priority", "rho1(k=0.5) * stored", *extra]
 
 
-@pytest.mark.parametrize("world_size", [2])
-def test_two_process_ddp_equals_one_process(setup, world_size):
+@pytest.mark.parametrize("world_size,extra", [(2, ()), (2, ("--lora-r", "4"))], ids=["full", "lora"])
+def test_two_process_ddp_equals_one_process(setup, world_size, extra):
     shards, student, root = setup
+    root = root / ("lora" if extra else "full")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    single = subprocess.run([TOKENPRIO, *args(shards, student, root / "one", world_size)],
+    single = subprocess.run([TOKENPRIO, *args(shards, student, root / "one", world_size, *extra)],
                             cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world_size),
-                          "--no-python", TOKENPRIO, *args(shards, student, root / "ddp", 1)], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+                          "--no-python", TOKENPRIO, *args(shards, student, root / "ddp", 1, *extra)], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     record = json.loads((root / "ddp" / "config.json").read_text())
     assert record["world_size"] == world_size and record["config"]["batching"] == "packed"  # the default layout
-    one = load_file(root / "one" / "checkpoint-000004" / "model.safetensors")
-    two = load_file(root / "ddp" / "checkpoint-000004" / "model.safetensors")
+    weights = "adapter_model.safetensors" if extra else "model.safetensors"
+    one = load_file(root / "one" / "checkpoint-000004" / weights)
+    two = load_file(root / "ddp" / "checkpoint-000004" / weights)
     initial = load_file(student / "model.safetensors")
     for name in one:
-        moved = (one[name] - initial[name]).abs().max().item()
+        moved = (one[name] - initial.get(name, torch.zeros_like(one[name]))).abs().max().item()  # LoRA: the adapter itself
         assert moved > 0, name
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5 * max(1.0, moved), msg=name)
     def metrics(run: Path) -> list[dict]:

@@ -1,13 +1,20 @@
-"""The trainer's weighted loss and step against float64 references. Run: pytest tests/test_train_loss.py"""
+"""The trainer's weighted loss and step against float64 references, on every student path: full fine-tuning,
+LoRA adapters (peft), and FSDP2 (a one-process gloo group, so the sharded parameters, the hooks around the
+forward and `statistics`, and the gradient reduce-scatter all run), with and without LoRA. The two-process
+FSDP equivalence is tests/test_train_fsdp.py. Run: pytest tests/test_train_loss.py"""
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from pathlib import Path
+
 from conftest import build_model
 from train_shards import write_shards
 
@@ -16,12 +23,71 @@ from scoring.shards import open_shards
 from training.batching import Layout
 from training.data import epoch_windows, iter_epoch, make_micro_batch, read_groups, row_groups, window_plan
 from training.distributed import Dist
+from training.fsdp import full_tensor, shard_student
 from training.head import fused_weighted_head
+from training.lora import LoraSettings
 from training.loss import LossWeights, TokenLoss, normalizer, token_terms
 from training.step import StepSettings, StudentLoss, accumulate_step, global_priority, needs_prepass
+from training.strategy import Strategy, build_student
 
 ONE = Dist(rank=0, world_size=1, local_rank=0)
 COLUMNS = ["label", "ref_logprob", "ref_entropy", "weight"]
+KINDS = ["full", "lora", "fsdp", "fsdp_lora"]
+LORA = LoraSettings(r=4, alpha=8.0, dropout=0.0, targets=("all-linear",))
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A one-process gloo group (in-memory store), so fully_shard runs in this process."""
+    import torch.distributed as dist
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    if started:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(params=KINDS)
+def kind(request):
+    if request.param.startswith("fsdp"):
+        request.getfixturevalue("process_group")
+    return request.param
+
+
+@dataclass
+class PathStudent:
+    """A test student on one path: the module that trains, its StudentLoss, and an unsharded copy for references."""
+
+    model: torch.nn.Module  # the Hugging Face model that runs (LoRA layers in place; sharded under FSDP)
+    core: StudentLoss
+    reference: torch.nn.Module  # the same weights, unsharded (deep copy before sharding)
+    trainable: list
+
+
+def make_student(tokenizer, kind: str, prepare=None, neg_loss="none", clip_nats=1e9, chunk_rows=7) -> PathStudent:
+    """The production set-up (training.strategy.build_student, training.fsdp.shard_student) on a tiny model.
+
+    LoRA's B starts at 0, which would make every gradient of A vanish; B is randomised so both are exercised.
+    """
+    model = fresh_model(tokenizer)
+    if prepare:
+        prepare(model)
+    strategy = Strategy(lora=LORA if "lora" in kind else None, fsdp=False, gradient_checkpointing=False)
+    loss_args = {"chunk_rows": chunk_rows, "autocast_dtype": None, "loss": TokenLoss(neg_loss=neg_loss, clip_nats=clip_nats)}
+    student = build_student(model, strategy, base_path=Path("base"), seed=0, resume_from=None, ctx=ONE, device=torch.device("cpu"),
+                            compute_dtype=torch.float32, loss_args=loss_args)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in student.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    reference = copy.deepcopy(student.model)
+    if kind.startswith("fsdp"):
+        shard_student(student.core, student.model, torch.float32)
+    student.model.train()
+    return PathStudent(student.model, student.core, reference, [p for p in student.model.parameters() if p.requires_grad])
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +125,16 @@ def settings_for(spec, normalize, label_names, neg_loss="none", clip_nats=1e9, r
     return settings, {"loss": TokenLoss(neg_loss=neg_loss, clip_nats=clip_nats)}
 
 
-def our_gradient(model, mbs, settings_and_loss, step=0):
-    """The trainer's gradient of L = Σ w·f(ℓ) / Z: accumulate over micro-batches, then divide by Z."""
+def our_gradient(student: PathStudent, mbs, settings_and_loss, step=0):
+    """The trainer's gradient of L = Σ w·f(ℓ) / Z: accumulate over micro-batches, then divide by Z (trainable parameters)."""
     settings, loss = settings_and_loss
-    model.zero_grad(set_to_none=True)
-    core = StudentLoss(model, chunk_rows=7, autocast_dtype=None, **loss)
-    result = accumulate_step(core, core, mbs, settings, step, ONE)
+    student.core.loss = loss["loss"]
+    student.model.zero_grad(set_to_none=True)
+    result = accumulate_step(student.core, student.core, mbs, settings, step, ONE)
     z = normalizer(result.counts, settings.normalize)
-    return {n: p.grad.detach().clone() / z for n, p in model.named_parameters()}, result.loss_sum / z
+    grads = {n: full_tensor(p.grad).detach().clone() / z for n, p in student.model.named_parameters() if p.requires_grad}
+    assert all(p.grad is None for p in student.model.parameters() if not p.requires_grad)  # frozen base: no gradient at all
+    return grads, result.loss_sum / z
 
 
 def reference_terms(model64, mbs):
@@ -79,9 +147,9 @@ def reference_terms(model64, mbs):
     return out
 
 
-def reference_gradient(model, mbs, weights, normalize, neg_loss, clip_nats):
+def reference_gradient(student: PathStudent, mbs, weights, normalize, neg_loss, clip_nats):
     """float64 gradient of Σ_t f(Φ_t, ℓ_t) / Z with Z computed by hand from the full Φ of the global batch."""
-    model64 = fresh_copy(model).double()
+    model64 = fresh_copy(student).double()
     logprobs = torch.cat(reference_terms(model64, mbs))
     phi = torch.cat(weights).double()
     mask = torch.cat([mb.tokens["loss_mask"] for mb in mbs])
@@ -101,13 +169,12 @@ def reference_gradient(model, mbs, weights, normalize, neg_loss, clip_nats):
         z = {"tokens": mask.sum(), "selected": (phi != 0).sum(), "abs_weight": phi.abs().sum()}[normalize]
         loss = terms.sum() / z
     loss.backward()
-    return {n: p.grad.float() for n, p in model64.named_parameters()}, loss.item()
+    return {n: p.grad.float() for n, p in model64.named_parameters() if p.requires_grad}, loss.item()
 
 
-def fresh_copy(model):
-    clone = type(model)(model.config)
-    clone.load_state_dict(model.state_dict())
-    return clone.train()
+def fresh_copy(student: PathStudent):
+    """An unsharded copy of the student's current weights (the adapted model under LoRA)."""
+    return copy.deepcopy(student.reference).train()
 
 
 def assert_grads_close(ours, ref, rtol=2e-4):
@@ -122,28 +189,31 @@ def assert_grads_close(ours, ref, rtol=2e-4):
     [("tokens", "none", "sorted"), ("selected", "clip", "sorted"), ("abs_weight", "unlikelihood", "sorted"), ("per_sign", "clip", "sorted"),
      ("per_sign", "none", "sorted"), ("tokens", "none", "packed"), ("per_sign", "clip", "packed"), ("abs_weight", "unlikelihood", "grouped")],
 )
-def test_weighted_loss_matches_float64_reference(shards, tokenizer, label_names, normalize, neg_loss, batching):
-    model = fresh_model(tokenizer)
+def test_weighted_loss_matches_float64_reference(shards, tokenizer, label_names, normalize, neg_loss, batching, kind):
+    student = make_student(tokenizer, kind)
     mbs = micro_batches(shards, label_names, batching=batching)
     assert batching != "packed" or all(mb.rows > mb.input_ids.shape[0] for mb in mbs)  # several rows share a sequence
     weights = [mb.tokens["weight"] for mb in mbs]
     assert all((w < 0).any() for w in weights) and all((w > 0).any() for w in weights)
     # A clip threshold at the median NLL, so that both branches of the clip are exercised.
     with torch.no_grad():
-        nll = -torch.cat(reference_terms(fresh_copy(model).double(), mbs))
-    clip_nats = float(nll[torch.cat(weights) < 0].median())
-    ours, our_loss = our_gradient(model, mbs, settings_for("stored", normalize, label_names, neg_loss, clip_nats))
-    ref, ref_loss = reference_gradient(model, mbs, weights, normalize, neg_loss, clip_nats)
+        nll = -torch.cat(reference_terms(fresh_copy(student).double(), mbs))
+    # Midway between two neighbouring NLLs, so that float32 and float64 agree on which side every token falls.
+    negative_nll = torch.sort(nll[torch.cat(weights) < 0]).values
+    middle = len(negative_nll) // 2
+    clip_nats = float(negative_nll[middle - 1 : middle + 1].mean())
+    ours, our_loss = our_gradient(student, mbs, settings_for("stored", normalize, label_names, neg_loss, clip_nats))
+    ref, ref_loss = reference_gradient(student, mbs, weights, normalize, neg_loss, clip_nats)
     assert our_loss == pytest.approx(ref_loss, rel=1e-5)
     assert_grads_close(ours, ref)
 
 
-def test_uniform_priority_is_ordinary_sft(shards, tokenizer, label_names):
+def test_uniform_priority_is_ordinary_sft(shards, tokenizer, label_names, kind):
     """Φ ≡ 1 with Z = #targets equals F.cross_entropy's mean over the (shifted, masked) labels of one batch."""
-    model = fresh_model(tokenizer)
+    student = make_student(tokenizer, kind)
     (mb,) = micro_batches(shards, label_names, count=1)
-    ours, our_loss = our_gradient(model, [mb], settings_for("uniform", "tokens", label_names))
-    clone = fresh_copy(model)
+    ours, our_loss = our_gradient(student, [mb], settings_for("uniform", "tokens", label_names))
+    clone = fresh_copy(student)
     logits = clone(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
     labels = torch.full(mb.input_ids.shape, -100)
     flat_mask = torch.zeros(mb.input_ids.numel(), dtype=torch.bool)
@@ -152,22 +222,22 @@ def test_uniform_priority_is_ordinary_sft(shards, tokenizer, label_names):
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
     loss.backward()
     assert our_loss == pytest.approx(loss.item(), rel=1e-5)
-    assert_grads_close(ours, {n: p.grad for n, p in clone.named_parameters()})
+    assert_grads_close(ours, {n: p.grad for n, p in clone.named_parameters() if p.requires_grad})
 
 
-def test_scaling_phi_changes_nothing_under_abs_weight(shards, tokenizer, label_names):
-    model = fresh_model(tokenizer)
+def test_scaling_phi_changes_nothing_under_abs_weight(shards, tokenizer, label_names, kind):
+    student = make_student(tokenizer, kind)
     mbs = micro_batches(shards, label_names)
-    base, base_loss = our_gradient(model, mbs, settings_for("stored", "abs_weight", label_names))
-    scaled, scaled_loss = our_gradient(model, mbs, settings_for("3.5 * stored", "abs_weight", label_names))
+    base, base_loss = our_gradient(student, mbs, settings_for("stored", "abs_weight", label_names))
+    scaled, scaled_loss = our_gradient(student, mbs, settings_for("3.5 * stored", "abs_weight", label_names))
     assert scaled_loss == pytest.approx(base_loss, rel=1e-6)
     assert_grads_close(scaled, base, rtol=1e-5)
 
 
 @pytest.mark.parametrize("batching", ["packed", "sorted"])
-def test_gradient_accumulation_equals_one_large_batch(shards, tokenizer, label_names, batching):
+def test_gradient_accumulation_equals_one_large_batch(shards, tokenizer, label_names, batching, kind):
     """Three micro-batches accumulated = one micro-batch holding all their rows (packed: all their sequences)."""
-    model = fresh_model(tokenizer)
+    student = make_student(tokenizer, kind)
     mbs = micro_batches(shards, label_names, count=3, batching=batching)
     # The same rows as one micro-batch: the plan's row indices of the first window (one group here).
     groups = row_groups(open_shards(shards))
@@ -182,16 +252,16 @@ def test_gradient_accumulation_equals_one_large_batch(shards, tokenizer, label_n
     assert big.rows == sum(mb.rows for mb in mbs) and big.input_ids.shape[0] == sum(mb.input_ids.shape[0] for mb in mbs)
     for normalize in ("tokens", "per_sign"):
         settings = settings_for("stored", normalize, label_names, neg_loss="clip", clip_nats=8.0)
-        accumulated, loss_a = our_gradient(model, mbs, settings)
-        single, loss_b = our_gradient(model, [big], settings)
+        accumulated, loss_a = our_gradient(student, mbs, settings)
+        single, loss_b = our_gradient(student, [big], settings)
         assert loss_a == pytest.approx(loss_b, rel=1e-5)
         assert_grads_close(accumulated, single, rtol=1e-4)
 
 
-def test_zero_weight_token_contributes_no_gradient(shards, tokenizer, label_names):
+def test_zero_weight_token_contributes_no_gradient(shards, tokenizer, label_names, kind):
     """Changing the id of a row's last token (Φ = 0) cannot change any other prediction (causal), so the
     gradient must be identical; with Φ ≠ 0 it changes."""
-    model = fresh_model(tokenizer)
+    student = make_student(tokenizer, kind)
     (mb,) = micro_batches(shards, label_names, count=1)
     last = int(mb.attention_mask[0].sum()) - 1  # row 0's last token, flat position `last`
     assert mb.tokens["loss_mask"][last]
@@ -204,13 +274,13 @@ def test_zero_weight_token_contributes_no_gradient(shards, tokenizer, label_name
         weight = mb.tokens["weight"].clone()
         weight[last] = phi_value
         changed = type(mb)(**{**mb.__dict__, "input_ids": ids, "targets": targets, "tokens": {**mb.tokens, "weight": weight}})
-        return our_gradient(model, [changed], settings_for("stored", "tokens", label_names))[0]
+        return our_gradient(student, [changed], settings_for("stored", "tokens", label_names))[0]
 
     a, b = with_last(0.0, 7), with_last(0.0, 9)
     for name in a:
         assert torch.equal(a[name], b[name]), name
     c, d = with_last(1.0, 7), with_last(1.0, 9)
-    assert not torch.equal(c["lm_head.weight"], d["lm_head.weight"])
+    assert any(not torch.equal(c[name], d[name]) for name in c)
 
 
 def test_token_terms_and_slopes_match_autograd():
@@ -263,15 +333,14 @@ def test_fused_head_equals_autograd_through_token_stats(neg_loss):
         torch.testing.assert_close(mine, 2.0 * ref, rtol=1e-4, atol=1e-5)
 
 
-def test_rho1_selects_exactly_top_k_of_the_global_batch(shards, tokenizer, label_names):
-    model = fresh_model(tokenizer)
+def test_rho1_selects_exactly_top_k_of_the_global_batch(shards, tokenizer, label_names, kind):
+    student = make_student(tokenizer, kind)
     mbs = micro_batches(shards, label_names, count=3)
-    settings, loss = settings_for("rho1(k=0.37)", "selected", label_names)
-    core = StudentLoss(model, chunk_rows=7, autocast_dtype=None, **loss)
-    phis = global_priority(core, mbs, settings, 0, ONE)
+    settings, _ = settings_for("rho1(k=0.37)", "selected", label_names)
+    phis = global_priority(student.core, mbs, settings, 0, ONE)  # FSDP: `statistics` runs inside the root's all-gather
     # Reference: excess = NLL_student − NLL_ref over all candidates of all micro-batches together.
     with torch.no_grad():
-        logprob = torch.cat(reference_terms(fresh_copy(model).double(), mbs))
+        logprob = torch.cat(reference_terms(fresh_copy(student).double(), mbs))
     mask = torch.cat([mb.tokens["loss_mask"] for mb in mbs])
     ref_lp = torch.cat([mb.tokens["ref_logprob"] for mb in mbs]).double()
     excess = (-logprob + ref_lp)[mask]
@@ -286,7 +355,7 @@ def test_rho1_selects_exactly_top_k_of_the_global_batch(shards, tokenizer, label
     assert max(shares) - min(shares) > 0.05, shares
 
 
-def test_negative_phi_raises_negative_nll_and_lowers_positive_nll(tmp_path, tokenizer):
+def test_negative_phi_raises_negative_nll_and_lowers_positive_nll(tmp_path, tokenizer, kind):
     """Rows of one text are labelled toxic (Φ = −1 via labels(toxic=-1)); a few steps of training must raise
     their NLL and lower the others', with every neg_loss, and never produce NaN."""
     rows = write_shards(tmp_path / "s", tokenizer, n_rows=12, n_shards=1, negative_share=0.0)
@@ -299,12 +368,14 @@ def test_negative_phi_raises_negative_nll_and_lowers_positive_nll(tmp_path, toke
     mbs = list(iter_epoch(groups, seed=0, epoch=0, window_groups=1, layout=Layout("sorted", 4096), columns=COLUMNS, label_names=["toxic"], rank=0, world_size=1))
     assert len(mbs) == 1
     for neg_loss in ("clip", "unlikelihood", "none"):
-        model = fresh_model(tokenizer)
-        with torch.no_grad():
-            model.lm_head.weight.div_(20.0)  # near-uniform start: NLL ≈ ln V, below the clip at 8 nats
         settings, loss = settings_for("labels(toxic=-1)", "per_sign", ["toxic"], neg_loss=neg_loss, clip_nats=8.0)
-        core = StudentLoss(model, chunk_rows=64, autocast_dtype=None, **loss)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        # Near-uniform start (NLL ≈ ln V, below the clip at 8 nats); under LoRA the frozen head is shrunk less, so that
+        # the adapters' changes to the hidden states move the logits.
+        divide = 4.0 if "lora" in kind else 20.0
+        student = make_student(tokenizer, kind, prepare=lambda m, divide=divide: m.lm_head.weight.data.div_(divide), chunk_rows=64,
+                               neg_loss=neg_loss, clip_nats=8.0)
+        core = student.core
+        optimizer = torch.optim.AdamW(student.trainable, lr=3e-3 if "lora" not in kind else 3e-2)  # the adapters start small
         history = []
         for step in range(6):
             result = accumulate_step(core, core, mbs, settings, step, ONE)
@@ -313,33 +384,40 @@ def test_negative_phi_raises_negative_nll_and_lowers_positive_nll(tmp_path, toke
             optimizer.zero_grad()
         assert all(np.isfinite(history).ravel()), (neg_loss, history)
         (pos0, neg0), (pos1, neg1) = history[0], history[-1]
-        assert pos1 < pos0 - 0.1 and neg1 > neg0 + 0.1, (neg_loss, history)
+        if "lora" in kind and neg_loss == "unlikelihood":
+            # Frozen head, near-uniform start: unlikelihood's slope p/(1 − p) ≈ p ≈ 1/V is tiny, so the features the adapters learn
+            # for the positive tokens lower every NLL; what must hold is that the negatives are pushed apart from the positives.
+            assert pos1 < pos0 - 0.1 and (neg1 - pos1) > (neg0 - pos0) + 0.1, (neg_loss, history)
+        else:
+            assert pos1 < pos0 - 0.1 and neg1 > neg0 + 0.1, (neg_loss, history)
 
 
-def test_dft_weights_come_from_the_student_in_the_same_pass(shards, tokenizer, label_names):
-    """dft (Φ = sg(p_student)) through the online path equals the float64 gradient of Σ sg(p)·ℓ / #targets."""
-    model = fresh_model(tokenizer)
+def shrink_head(model) -> None:
     with torch.no_grad():
-        model.lm_head.weight.div_(20.0)  # p far from 0, so the weights matter
+        model.lm_head.weight.div_(20.0)
+
+
+def test_dft_weights_come_from_the_student_in_the_same_pass(shards, tokenizer, label_names, kind):
+    """dft (Φ = sg(p_student)) through the online path equals the float64 gradient of Σ sg(p)·ℓ / #targets."""
+    student = make_student(tokenizer, kind, prepare=shrink_head)  # p far from 0, so the weights matter
     mbs = micro_batches(shards, label_names)
     settings = settings_for("dft", "tokens", label_names)
     assert not settings[0].prepass
-    ours, our_loss = our_gradient(model, mbs, settings)
+    ours, our_loss = our_gradient(student, mbs, settings)
     with torch.no_grad():
-        p = torch.cat(reference_terms(fresh_copy(model).double(), mbs)).exp()
+        p = torch.cat(reference_terms(fresh_copy(student).double(), mbs)).exp()
     mask = torch.cat([mb.tokens["loss_mask"] for mb in mbs])
     weights = (p * mask).float()
     sizes = [mb.targets.numel() for mb in mbs]
-    ref, ref_loss = reference_gradient(model, mbs, list(weights.split(sizes)), "tokens", "none", 1e9)
+    ref, ref_loss = reference_gradient(student, mbs, list(weights.split(sizes)), "tokens", "none", 1e9)
     assert our_loss == pytest.approx(ref_loss, rel=1e-5)
     assert_grads_close(ours, ref)
 
 
-def test_rho1_micro_scope_selects_per_micro_batch(shards, tokenizer, label_names):
-    model = fresh_model(tokenizer)
+def test_rho1_micro_scope_selects_per_micro_batch(shards, tokenizer, label_names, kind):
+    student = make_student(tokenizer, kind)
     mbs = micro_batches(shards, label_names, count=3)
-    settings, loss = settings_for("rho1(k=0.37, scope=micro)", "selected", label_names)
+    settings, _ = settings_for("rho1(k=0.37, scope=micro)", "selected", label_names)
     assert not settings.prepass
-    core = StudentLoss(model, chunk_rows=7, autocast_dtype=None, **loss)
-    counts = accumulate_step(core, core, mbs, settings, 0, ONE).counts
+    counts = accumulate_step(student.core, student.core, mbs, settings, 0, ONE).counts
     assert int(counts.selected) == sum(math.ceil(0.37 * int(mb.tokens["loss_mask"].sum())) for mb in mbs)

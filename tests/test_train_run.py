@@ -200,10 +200,11 @@ def cli(shards, student, out, *extra) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, shards, student):
+@pytest.mark.parametrize("extra", [[], ["--lora-r", "4", "--lora-dropout", "0.1"]], ids=["full", "lora"])
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, shards, student, extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     killed = tmp_path / "killed"
-    process = subprocess.Popen(cli(shards, student, killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(cli(shards, student, killed, *extra), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 180
     while not (killed / "checkpoint-000008").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -211,10 +212,11 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, shards, stude
     process.wait()
     assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
     assert not (killed / "checkpoint-000030").exists(), "the run finished before it was killed; the test proves nothing"
-    subprocess.run(cli(shards, student, killed, "--resume"), cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run(cli(shards, student, killed, *extra, "--resume"), cwd=ROOT, env=env, check=True, capture_output=True)
     whole = tmp_path / "whole"
-    subprocess.run(cli(shards, student, whole), cwd=ROOT, env=env, check=True, capture_output=True)
-    resumed, reference = load_file(killed / "checkpoint-000030" / "model.safetensors"), load_file(whole / "checkpoint-000030" / "model.safetensors")
+    subprocess.run(cli(shards, student, whole, *extra), cwd=ROOT, env=env, check=True, capture_output=True)
+    weights = "adapter_model.safetensors" if extra else "model.safetensors"
+    resumed, reference = load_file(killed / "checkpoint-000030" / weights), load_file(whole / "checkpoint-000030" / weights)
     assert resumed.keys() == reference.keys()
     for name in reference:
         assert torch.equal(resumed[name], reference[name]), name

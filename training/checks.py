@@ -24,40 +24,53 @@ class CorpusSummary:
     label_names: list[str]  # sorted; the codes every rank and every resume agree on
 
 
-def scan_corpus(shards: ShardSet, groups: list[RowGroup], *, read_labels: bool, ref_column: str | None = None) -> CorpusSummary:
-    """One pass over the corpus, a row group at a time: schema version of every shard, finite `weight`,
-    loss_mask false at each row's position 0 (packed rows follow each other, so a target there would be
-    predicted from another row), finite `ref_column` at every target (when the loss reads it), the longest
-    row, the number of targets, and (when the priority reads labels) the label names.
+def first_bad_row(table, column: str, bad: np.ndarray) -> str:
+    """The `id` of the row holding the first flagged flat position of list column `column`."""
+    offsets = table.column(column).combine_chunks().offsets.to_numpy()
+    offsets = offsets - offsets[0]  # a sliced list array's offsets start where its values do
+    row = int(np.searchsorted(offsets, int(np.flatnonzero(bad)[0]), side="right")) - 1
+    return str(table.column("id")[row])
 
-    Raises ShardError naming the file, row group and fix.
+
+def scan_corpus(shards: ShardSet, groups: list[RowGroup], *, read_labels: bool, statistics: tuple[str, ...] = ()) -> CorpusSummary:
+    """One pass over the corpus, a row group at a time: schema version of every shard, finite `weight`, finite
+    `statistics` (the stored columns the Φ spec and the loss read, e.g. ref_logprob) at every target, loss_mask
+    false at each row's position 0 (packed rows follow each other, so a target there would be predicted from
+    another row), the longest row, the number of targets, and (when the priority reads labels) the label names.
+
+    Raises ShardError naming the file, row group, column, first row id and fix.
     """
     for path in shards.paths:
         read_metadata(path)  # refuses an unknown schema MAJOR
     rows = targets = longest = 0
     labels: set[str] = set()
-    columns = ["n_tokens", "n_targets", "weight", "loss_mask"] + (["label"] if read_labels else []) + ([ref_column] if ref_column else [])
+    columns = ["id", "n_tokens", "n_targets", "weight", "loss_mask"] + (["label"] if read_labels else []) + list(statistics)
     for group in tqdm(groups, desc="checking shards", unit="group", leave=False, disable=len(groups) < 50):
         table = pq.ParquetFile(group.path).read_row_group(group.index, columns=columns)
         weight = pc.list_flatten(table.column("weight")).to_numpy(zero_copy_only=False)
         if not np.isfinite(weight).all():
             raise ShardError(
-                f"{group.path} row group {group.index}: column 'weight' has {int((~np.isfinite(weight)).sum())} non-finite values; "
+                f"{group.path} row group {group.index}: column 'weight' has {int((~np.isfinite(weight)).sum())} non-finite values "
+                f"(first in row {first_bad_row(table, 'weight', ~np.isfinite(weight))!r}); "
                 "recompute it with `tokenprio reweight`, or train with a --priority that does not read it."
             )
-        n_tokens = table.column("n_tokens").to_numpy()
         mask = pc.list_flatten(table.column("loss_mask")).to_numpy(zero_copy_only=False).astype(bool)
+        if statistics:  # position 0 of a row has no prediction (NaN by contract): only targets must be finite
+            for column in statistics:
+                values = pc.list_flatten(table.column(column)).to_numpy(zero_copy_only=False)
+                bad = mask & ~np.isfinite(values)
+                if bad.any():
+                    raise ShardError(
+                        f"{group.path} row group {group.index}: column {column!r} has {int(bad.sum())} non-finite values at targets "
+                        f"(first in row {first_bad_row(table, column, bad)!r}); the model that scored it returned NaN or infinity there. "
+                        f"Rescore those rows (tokenprio score / add-model), or train with a --priority that does not read {column}."
+                    )
+        n_tokens = table.column("n_tokens").to_numpy()
         starts = np.concatenate([[0], np.cumsum(n_tokens)[:-1]]).astype(np.int64)[n_tokens > 0]
         if mask[starts].any():
             row = int(np.nonzero(n_tokens > 0)[0][np.nonzero(mask[starts])[0][0]])
             raise ShardError(f"{group.path} row group {group.index}, row {row}: loss_mask is true at position 0, which has no prediction "
                              "(shard contract: position t is predicted from positions < t of its own row); set it false and rewrite the shard.")
-        if ref_column:
-            ref = pc.list_flatten(table.column(ref_column)).to_numpy(zero_copy_only=False)
-            bad = mask & ~np.isfinite(ref)
-            if bad.any():
-                raise ShardError(f"{group.path} row group {group.index}: column {ref_column!r} is not finite at {int(bad.sum())} target(s); "
-                                 "rescore that model with `tokenprio add-model`.")
         rows += table.num_rows
         targets += int(table.column("n_targets").to_numpy().sum())
         longest = max(longest, int(n_tokens.max()) if len(n_tokens) else 0)

@@ -61,3 +61,12 @@ def barrier(ctx: Dist) -> None:
 def shutdown(ctx: Dist) -> None:
     if ctx.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def any_rank(flag: bool, ctx: Dist) -> bool:
+    """True on every rank when `flag` is true on at least one (an all-reduce of one number; no-op on one process)."""
+    if ctx.world_size == 1:
+        return flag
+    value = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

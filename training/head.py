@@ -10,7 +10,7 @@ per-token term t_i = f(log p_i[y_i]) (training.loss.token_terms), the gradient o
 turned into these gradients and freed. Backward then only scales the stored gradients (rows × D for h, the
 head's own size for W), so the head costs three matmuls (logits, ∂h, ∂W) instead of four with activation
 checkpointing (scoring.stats.token_stats recomputes the logits in backward) and never holds more than one
-chunk of logits. The same log-softmax in float32 as token_stats; tests compare both with float64.
+chunk of logits. A head whose weight does not require grad (frozen under LoRA) skips ∂W: two matmuls. The same log-softmax in float32 as token_stats; tests compare both with float64.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ class _FusedWeightedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, phi, ref_logprob, anchor, loss, chunk_rows):
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)  # (n, D)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # (V, D)
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        # A frozen head (LoRA) needs no weight gradient: skip its (V, D) buffer and one matmul of three.
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None  # (V, D)
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
         head_weight = weight.float()
         head_bias = bias.float() if bias is not None else None
         logprobs, terms, clipped = [], [], []
@@ -43,7 +44,8 @@ class _FusedWeightedHead(torch.autograd.Function):
             grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-slope[:, None])
             grad_logits.scatter_add_(-1, y[:, None], slope[:, None])
             grad_hidden[start : start + chunk_rows] = grad_logits @ head_weight
-            grad_weight.addmm_(grad_logits.t(), h)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), h)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
             logprobs.append(logprob)
@@ -60,7 +62,7 @@ class _FusedWeightedHead(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         return (
             (grad_hidden * grad_loss).to(ctx.hidden_dtype),
-            (grad_weight * grad_loss).to(ctx.weight_dtype),
+            (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None,
             (grad_bias * grad_loss) if grad_bias is not None else None,
             None, None, None, None, None, None, None,
         )

@@ -2,9 +2,10 @@
 
 One entry function, `train(cfg)`, in named phases: set-up (config, processes, device, dtype) → inputs
 (shards, Φ spec, student, every check before training) → plan (steps, optimizer, schedule) → start or
-resume → the loop → the final checkpoint. Works as one process or under `torchrun` (DDP; gloo on CPU,
-NCCL on GPU); see docs/design.md "Loss, normalisation and the output head" and "Data order,
-distribution and resume".
+resume → the loop → the final checkpoint. Works as one process or under `torchrun` (DDP, or FSDP2 with --fsdp; gloo
+on CPU, NCCL on GPU), with full fine-tuning or LoRA adapters (training/strategy.py); SIGTERM/SIGUSR1
+save and stop (training/guards.py). See docs/design.md "Loss, normalisation and the output head",
+"Data order, distribution and resume" and "Real-size students".
 """
 
 from __future__ import annotations
@@ -21,24 +22,18 @@ from tqdm import tqdm
 
 from scoring.devices import dtype_name, resolve_dtype
 from scoring.priority import Priority, default_normalize, parse_priority
-from scoring.shards import ShardSet, manifest_checksum, open_shards
+from scoring.shards import ShardSet, manifest_checksum, open_shards, write_text_atomic
 from scoring.stats import DEFAULT_LOGITS_BUDGET_BYTES, check_head_matches_logits, chunk_rows_for_budget
-from training.checkpoint import (
-    METRICS_NAME,
-    checkpoint_dir,
-    latest_checkpoint,
-    load_trainer_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    truncate_metrics,
-)
+from training.checkpoint import METRICS_NAME, checkpoint_dir, latest_checkpoint, truncate_metrics
 from training.batching import BATCHINGS, Layout
 from training.checks import CorpusSummary, check_packed_attention, check_ref_column, check_student, scan_corpus
 from training.data import RowGroup, count_micro_batches, iter_epoch, row_groups
-from training.distributed import Dist, barrier, init_distributed, shutdown
+from training.distributed import Dist, init_distributed, shutdown
+from training.guards import Preempted, check_finite_step, preemption_signals
+from training.lora import lora_problems, lora_settings
 from training.loss import NORMALIZERS, TokenLoss, normalizer
-from training.step import StepResult, StepSettings, StudentLoss, accumulate_step, needs_prepass
+from training.step import StepResult, StepSettings, accumulate_step, needs_prepass
+from training.strategy import Strategy, Student, build_student, grad_norm_value, read_resume_state, restore_trainer_state, save_student
 
 TRAIN_DTYPES = ("float32", "bfloat16")  # autocast dtypes; float16 would need loss scaling
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -77,6 +72,12 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints (0: final checkpoint only)
     resume: bool = False  # continue the run in `out` from its latest checkpoint
     window_groups: int = 4  # row groups shuffled together (≈ 1M tokens each): memory vs shuffle quality
+    lora_r: int = 0  # LoRA rank (0: full fine-tuning)
+    lora_alpha: float | None = None  # LoRA scale α (update (α/r)·BA); None → 2·r
+    lora_dropout: float | None = None  # dropout on the adapters' input; None → 0
+    lora_targets: str | None = None  # comma-separated module names or all-linear (None); the head's name trains the head in full
+    fsdp: bool = False  # FSDP2 sharding over the torchrun processes instead of DDP
+    gradient_checkpointing: bool = False  # recompute decoder-layer activations in backward (non-reentrant)
 
 
 def validate(cfg: TrainConfig) -> list[str]:
@@ -106,7 +107,16 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"neg_clip_nats={cfg.neg_clip_nats}: must be > 0 nats, with neg_loss=clip (here {cfg.neg_loss}).")
     if not Path(cfg.model).is_dir() or not (Path(cfg.model) / "config.json").exists():
         problems.append(f"model={cfg.model}: not a Hugging Face model folder (no config.json); pass a local folder saved with save_pretrained.")
+    problems += lora_problems(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if cfg.lora_r > 0 and Path(cfg.model).is_dir() and not any((Path(cfg.model) / name).exists() for name in WEIGHT_FILES):
+        problems.append(f"model={cfg.model}: LoRA adapts saved weights, and this folder has none (config.json only); save the base "
+                        "model's weights there, or train it in full (--lora-r 0).")
     return problems
+
+
+def strategy_of(cfg: TrainConfig) -> Strategy:
+    return Strategy(lora=lora_settings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets), fsdp=cfg.fsdp,
+                    gradient_checkpointing=cfg.gradient_checkpointing)
 
 
 def load_student(path: Path, seed: int):
@@ -160,7 +170,8 @@ def check_inputs(cfg: TrainConfig, device: torch.device) -> Inputs:
         )
     groups = row_groups(shards)
     ref_column = check_ref_column(shards, loss_of(cfg, vocab_size=2), cfg.neg_ref or "ref")
-    summary = scan_corpus(shards, groups, read_labels="label" in priority.columns, ref_column=ref_column)
+    statistics = tuple(sorted((priority.columns - {"weight", "label"}) | ({ref_column} if ref_column else set())))  # finite at every target
+    summary = scan_corpus(shards, groups, read_labels="label" in priority.columns, statistics=statistics)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     model, origin = load_student(cfg.model, cfg.seed)
     check_student(shards, tokenizer, model.config, summary, str(cfg.model))
@@ -237,27 +248,25 @@ class Position:
     epoch_step: int = 0
 
 
-def start_or_resume(run: Path, latest: Path | None, record: dict, model, optimizer, scheduler, ctx: Dist, seed: int, say) -> Position:
-    """A new run writes config.json; a resumed one checks it and restores weights, optimizer, schedule and RNG."""
+def start_or_resume(run: Path, latest: Path | None, resume_state: dict | None, record: dict, student: Student, optimizer, scheduler,
+                    ctx: Dist, say) -> Position:
+    """A new run writes config.json; a resumed one restores optimizer, schedule and RNG (its weights are already in
+    `student`, restored by build_student before any sharding)."""
     if latest is None:
         if ctx.main:
             run.mkdir(parents=True, exist_ok=True)
-            (run / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+            write_text_atomic(run / "config.json", json.dumps(record, indent=2) + "\n")
         return Position()
-    check_same_run(run, record)
-    state = load_trainer_state(latest)
-    model.load_state_dict(load_student(latest, seed)[0].state_dict())
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    say(f"resuming {run} from {latest.name} (epoch {state['epoch']}, step {state['step']})")
+    restore_trainer_state(resume_state, student, optimizer, scheduler, ctx)
+    say(f"resuming {run} from {latest.name} (epoch {resume_state['epoch']}, step {resume_state['step']})")
     if ctx.main:
-        truncate_metrics(run, state["step"])
-    return Position(state["step"], state["epoch"], state["epoch_step"])
+        truncate_metrics(run, resume_state["step"])
+    return Position(resume_state["step"], resume_state["epoch"], resume_state["epoch_step"])
 
 
-def apply_update(model, optimizer, z: float, grad_clip: float, ctx: Dist, say, step: int) -> float:
-    """Scale the summed gradients by W / Z (undoing DDP's mean over W ranks), clip, step. Z = 0: skip."""
+def apply_update(model, optimizer, result: StepResult, z: float, grad_clip: float, ctx: Dist, say, step: int, latest: str) -> float:
+    """Scale the summed gradients by W / Z (undoing DDP's and FSDP's mean over W ranks), clip, step. Z = 0: skip.
+    A non-finite loss or gradient norm raises guards.Diverged before the step (every rank sees the same sums)."""
     if z == 0:
         say(f"warning: step {step}: the normaliser Z is 0 (no token has Φ ≠ 0 in this global batch); skipping the update.")
         return 0.0
@@ -265,9 +274,10 @@ def apply_update(model, optimizer, z: float, grad_clip: float, ctx: Dist, say, s
     params = [p for p in model.parameters() if p.grad is not None]
     for p in params:
         p.grad.mul_(scale)
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
+    check_finite_step(result.loss_sum / z, norm, step + 1, latest)
     optimizer.step()
-    return float(norm)
+    return norm
 
 
 def step_metrics(result: StepResult, z: float, grad_norm: float, step: int, epoch: int, lr: float, seconds: float) -> dict:
@@ -309,48 +319,65 @@ def tensorboard_writer(run: Path):
 def train(cfg: TrainConfig) -> Path:
     """Train the student in `cfg.model` on the shards in `cfg.shards`; return the final checkpoint folder.
 
-    Every check (config, shards, priority, student) runs before training. Raises ValueError /
-    FileNotFoundError subclasses whose message names the field or file and the fix.
+    Every check (config, shards, priority, student, a resumed checkpoint's state) runs before training.
+    Raises ValueError / FileNotFoundError subclasses whose message names the field or file and the fix;
+    guards.Preempted after saving on SIGTERM/SIGUSR1; guards.Diverged on a non-finite loss, gradient or
+    weight (nothing of that step saved); checkpoint.CheckpointWriteError when a checkpoint cannot be written.
     """
     # ---- Set-up: config, processes, device and dtype (resolved once, printed)
     problems = validate(cfg)
     if problems:
         raise TrainConfigError("\n".join(problems))
     ctx = init_distributed("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.fsdp and ctx.world_size < 2:
+        raise TrainConfigError("--fsdp shards the student over several processes; start it with torchrun --nproc_per_node N (N ≥ 2).")
     device = torch.device(f"cuda:{ctx.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     compute_dtype, dtype_reason = resolve_dtype(cfg.dtype, device, allowed=TRAIN_DTYPES)
     autocast_dtype = None if compute_dtype == torch.float32 else compute_dtype
+    strategy = strategy_of(cfg)
     say = tqdm.write if ctx.main else (lambda _: None)
     run = Path(cfg.out)
     latest = latest_checkpoint(run) if run.exists() else None
     if latest is not None and not cfg.resume:
         raise ValueError(f"{run}: already holds {latest.name}; pass --resume to continue that run, or choose another --out.")
+    resume_state = read_resume_state(latest, strategy, ctx) if latest is not None else None  # JSON + safetensors, never a pickle
 
     # ---- Inputs: shards, Φ spec and student, all checked before any training
     inputs = check_inputs(cfg, device)
-    model, priority, normalize = inputs.model, inputs.priority, inputs.normalize
-    vocab_size = model.get_output_embeddings().weight.shape[0]
+    priority, normalize = inputs.priority, inputs.normalize
+    vocab_size = inputs.model.get_output_embeddings().weight.shape[0]
 
-    # ---- Plan, optimizer and schedule; then start or resume
+    # ---- Plan and the run's record (a resumed run must be the same run)
     plan = make_plan(cfg, inputs.groups, ctx.world_size, inputs.layout)
-    warmup = int(cfg.warmup_ratio * plan.total_steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan.total_steps, warmup, cfg.min_lr_ratio))
     record = run_record(cfg, {
         "normalize": normalize, "priority_canonical": priority.text, "dtype": f"{dtype_name(compute_dtype)} ({dtype_reason})",
         "world_size": ctx.world_size, "manifest_checksum": manifest_checksum(inputs.shards.manifest), "total_steps": plan.total_steps,
         "student": inputs.origin, "label_names": inputs.summary.label_names, "pack_tokens": inputs.layout.pack_tokens,
-        "token_loss": asdict(loss_of(cfg, vocab_size)), "ref_column": inputs.ref_column,
+        "token_loss": asdict(loss_of(cfg, vocab_size)), "ref_column": inputs.ref_column, "lora": asdict(strategy.lora) if strategy.lora else None,
     })
-    position = start_or_resume(run, latest, record, model, optimizer, scheduler, ctx, cfg.seed, say)
+    if latest is not None:
+        check_same_run(run, record)
+
+    # ---- The student as it trains: LoRA adapters, resumed weights, checkpointing, DDP or FSDP (training/strategy.py)
+    student = build_student(
+        inputs.model, strategy, base_path=cfg.model, seed=cfg.seed, resume_from=latest, ctx=ctx, device=device, compute_dtype=compute_dtype,
+        loss_args={"chunk_rows": chunk_rows_for_budget(vocab_size, DEFAULT_LOGITS_BUDGET_BYTES), "autocast_dtype": autocast_dtype,
+                   "loss": loss_of(cfg, vocab_size)},
+    )
+    model = student.model
+
+    # ---- Optimizer and schedule over the trainable parameters; then start or resume
+    warmup = int(cfg.warmup_ratio * plan.total_steps)
+    optimizer = torch.optim.AdamW(student.trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan.total_steps, warmup, cfg.min_lr_ratio))
+    position = start_or_resume(run, latest, resume_state, record, student, optimizer, scheduler, ctx, say)
+    trainable = sum(p.numel() for p in student.trainable)  # global sizes (a DTensor shard reports its full shape)
     say(f"student {cfg.model} ({inputs.origin}); device {device}, compute {dtype_name(compute_dtype)} ({dtype_reason}), output layer float32; "
+        f"{'LoRA r=' + str(strategy.lora.r) if strategy.lora else 'full fine-tuning'}, {trainable:,} trainable parameters"
+        f"{', FSDP' if strategy.fsdp else ', DDP' if ctx.world_size > 1 else ''}{', gradient checkpointing' if strategy.gradient_checkpointing else ''}; "
         f"priority {priority.text!r}, normalize={normalize}, neg_loss={cfg.neg_loss}, anchor_kl={cfg.anchor_kl}; "
         f"{plan.total_steps} steps of {plan.per_step} micro-batches ≤ {cfg.batch_tokens} tokens, batching {cfg.batching}"
         + (f" (sequences of {inputs.layout.pack_tokens} tokens)" if cfg.batching == "packed" else ""))
-
-    # ---- The student's loss module (DDP-wrapped on several processes) and the step settings
-    core = StudentLoss(model, chunk_rows_for_budget(vocab_size, DEFAULT_LOGITS_BUDGET_BYTES), autocast_dtype, loss_of(cfg, vocab_size))
-    student = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None) if ctx.world_size > 1 else core
     settings = StepSettings(
         priority=priority, normalize=normalize, neg_ramp_steps=cfg.neg_ramp,
         prepass=needs_prepass(priority, normalize),
@@ -359,42 +386,50 @@ def train(cfg: TrainConfig) -> Path:
     )
     columns = sorted(priority.columns | {"weight"} | ({inputs.ref_column} if inputs.ref_column else set()))
 
-    # ---- The loop: one optimizer step per GA × W micro-batches, metrics per step, checkpoints
+    # ---- The loop: one optimizer step per GA × W micro-batches, metrics per step, checkpoints; a signal saves and stops
     writer = tensorboard_writer(run) if ctx.main else None
     bar = tqdm(total=plan.total_steps, initial=position.step, desc="train", unit="step", disable=not ctx.main)
     model.train()
     step, epoch, epoch_step = position.step, position.epoch, position.epoch_step
     last_saved = step if latest is not None else -1
-    while step < plan.total_steps:
-        epoch_steps = plan.steps_in_epoch(inputs.groups, epoch)
-        batches = iter_epoch(inputs.groups, epoch=epoch, columns=columns, label_names=inputs.summary.label_names, rank=ctx.rank,
-                             world_size=ctx.world_size, skip=epoch_step * plan.per_step, stop=epoch_steps * plan.per_step, **plan.plan_args)
-        while epoch_step < epoch_steps and step < plan.total_steps:
-            started = time.perf_counter()
-            result = accumulate_step(student, core, [next(batches) for _ in range(cfg.grad_accum)], settings, step, ctx)
-            z = normalizer(result.counts, normalize)
-            grad_norm = apply_update(model, optimizer, z, cfg.grad_clip, ctx, say, step)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step, epoch_step = step + 1, epoch_step + 1
-            row = step_metrics(result, z, grad_norm, step, epoch, scheduler.get_last_lr()[0], time.perf_counter() - started)
-            if ctx.main:
-                with open(run / METRICS_NAME, "a") as metrics:
-                    metrics.write(json.dumps(row) + "\n")
-                if writer:
-                    for key, value in row.items():
-                        writer.add_scalar(f"train/{key}", value, step)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            bar.update(1)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == plan.total_steps:
-                state = {"step": step, "epoch": epoch, "epoch_step": epoch_step, "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    with preemption_signals() as preemption:
+        while step < plan.total_steps:
+            epoch_steps = plan.steps_in_epoch(inputs.groups, epoch)
+            batches = iter_epoch(inputs.groups, epoch=epoch, columns=columns, label_names=inputs.summary.label_names, rank=ctx.rank,
+                                 world_size=ctx.world_size, skip=epoch_step * plan.per_step, stop=epoch_steps * plan.per_step, **plan.plan_args)
+            while epoch_step < epoch_steps and step < plan.total_steps:
+                started = time.perf_counter()
+                result = accumulate_step(student.wrapped, student.core, [next(batches) for _ in range(cfg.grad_accum)], settings, step, ctx)
+                z = normalizer(result.counts, normalize)
+                latest_name = checkpoint_dir(run, last_saved).name if last_saved > 0 else "none"
+                grad_norm = apply_update(model, optimizer, result, z, cfg.grad_clip, ctx, say, step, latest_name)
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step, epoch_step = step + 1, epoch_step + 1
+                row = step_metrics(result, z, grad_norm, step, epoch, scheduler.get_last_lr()[0], time.perf_counter() - started)
                 if ctx.main:
-                    save_checkpoint(run, model, inputs.tokenizer, state)
-                last_saved = step
-                barrier(ctx)
-        if epoch_step >= epoch_steps:
-            epoch, epoch_step = epoch + 1, 0
+                    with open(run / METRICS_NAME, "a") as metrics:
+                        metrics.write(json.dumps(row) + "\n")
+                    if writer:
+                        for key, value in row.items():
+                            writer.add_scalar(f"train/{key}", value, step)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.update(1)
+                preempted = preemption.agreed(ctx)  # every rank, every step: all save together or none
+                if (cfg.save_every and step % cfg.save_every == 0) or step == plan.total_steps or preempted:
+                    counters = {"step": step, "epoch": epoch, "epoch_step": epoch_step}
+                    save_student(run, step, student, inputs.tokenizer, optimizer, counters, scheduler, ctx, device)
+                    last_saved = step
+                if preempted and step < plan.total_steps:
+                    bar.close()
+                    if writer:
+                        writer.close()
+                    stop = Preempted(step, checkpoint_dir(run, step))
+                    say(str(stop))
+                    shutdown(ctx)
+                    raise stop
+            if epoch_step >= epoch_steps:
+                epoch, epoch_step = epoch + 1, 0
 
     # ---- The final checkpoint is on disk
     bar.close()
@@ -403,3 +438,4 @@ def train(cfg: TrainConfig) -> Path:
     assert last_saved == step, f"final step {step} was not checkpointed (last {last_saved})"
     shutdown(ctx)
     return checkpoint_dir(run, step)
+

@@ -17,7 +17,6 @@ shards are the runs of labelled tokens (their characters), so every labelled cha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
