@@ -134,9 +134,10 @@ def run_trl_lora(shards: Path, student: Path, work: Path, steps: int, row_tokens
     from trl import SFTConfig, SFTTrainer
 
     from scoring.shards import open_shards
+    from training.batching import Layout
     from training.data import iter_epoch, row_groups
 
-    batches = iter_epoch(row_groups(open_shards(shards)), seed=0, epoch=0, window_groups=4, batch_tokens=row_tokens, columns=["weight"],
+    batches = iter_epoch(row_groups(open_shards(shards)), seed=0, epoch=0, window_groups=4, layout=Layout("sorted", row_tokens), columns=["weight"],
                          label_names=[], rank=0, world_size=1)
     rows = {"input_ids": [next(batches).input_ids[0].tolist() for _ in range(2 * (1 + steps))]}
     times = []

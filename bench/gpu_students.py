@@ -63,6 +63,7 @@ def run_case(case: str, args) -> dict:
 
     from scoring.stats import final_hidden
     from training.head import fused_weighted_head
+    from training.loss import LossWeights, TokenLoss
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.tiny:
@@ -109,8 +110,8 @@ def run_case(case: str, args) -> dict:
             hidden = final_hidden(model, batch, mask)  # (rows, seq, h)
         picked = hidden.flatten(0, 1)[positions]
         targets = batch[:, 1:].flatten()
-        loss, _, _ = fused_weighted_head(head, picked, targets, torch.ones(targets.numel(), device=device), neg_loss="clip",
-                                         clip_nats=float("inf"), chunk_rows=chunk_rows)
+        loss, _, _ = fused_weighted_head(head, picked, targets, LossWeights(torch.ones(targets.numel(), device=device), None),
+                                         loss=TokenLoss(neg_loss="clip", clip_nats=float("inf")), chunk_rows=chunk_rows)
         (loss / targets.numel()).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()

@@ -23,11 +23,12 @@ from pipelines.cli import app
 from pipelines.export import ExportConfig, export
 from scoring.priority import parse_priority
 from scoring.shards import open_shards
+from training.batching import Layout
 from training.data import iter_epoch, row_groups
 from training.distributed import Dist
 from training.head import fused_weighted_head
 from training.lora import LoraSettings
-from training.loss import normalizer
+from training.loss import LossWeights, TokenLoss, normalizer
 from training.step import StepSettings, accumulate_step
 from training.strategy import Strategy, build_student
 from training.train import TrainConfig, TrainConfigError, apply_update, train
@@ -102,7 +103,7 @@ def test_lora_checkpoint_is_a_peft_adapter_that_loads(lora_run, student, tokeniz
 
 def micro_batches(shards, count: int):
     groups = row_groups(open_shards(shards))
-    it = iter_epoch(groups, seed=0, epoch=0, window_groups=1, batch_tokens=160, columns=["weight"], label_names=[], rank=0, world_size=1)
+    it = iter_epoch(groups, seed=0, epoch=0, window_groups=1, layout=Layout("sorted", 160), columns=["weight"], label_names=[], rank=0, world_size=1)
     return [next(it) for _ in range(count)]
 
 
@@ -111,7 +112,7 @@ def built(tokenizer, strategy: Strategy, seed: int = 1, tie: bool = False):
     if tie:
         model.config.tie_word_embeddings = True
         model.tie_weights()
-    loss_args = {"chunk_rows": 16, "autocast_dtype": None, "neg_loss": "clip", "clip_nats": 6.0}
+    loss_args = {"chunk_rows": 16, "autocast_dtype": None, "loss": TokenLoss(neg_loss="clip", clip_nats=6.0)}
     return build_student(model.train(), strategy, base_path=Path("base"), seed=0, resume_from=None, ctx=ONE, device=torch.device("cpu"),
                          compute_dtype=torch.float32, loss_args=loss_args)
 
@@ -211,7 +212,7 @@ def test_frozen_head_skips_its_weight_gradient():
     head = torch.nn.Linear(16, 50, bias=False)
     hidden = torch.randn(23, 16, requires_grad=True)
     targets, phi = torch.randint(0, 50, (23,)), torch.randn(23)
-    run = lambda: fused_weighted_head(head, hidden, targets, phi, neg_loss="clip", clip_nats=3.0, chunk_rows=5)[0]
+    run = lambda: fused_weighted_head(head, hidden, targets, LossWeights(phi, None), loss=TokenLoss(neg_loss="clip", clip_nats=3.0), chunk_rows=5)[0]
     trainable_grad = torch.autograd.grad(run(), hidden)[0]
     head.weight.requires_grad_(False)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
