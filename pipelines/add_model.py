@@ -22,6 +22,7 @@ from scoring.shards import (
     complete_shard,
     config_hash,
     finalize,
+    hold_lock,
     input_ids_digest,
     open_shards,
     read_metadata,
@@ -30,7 +31,9 @@ from scoring.shards import (
     shard_index,
     stat_columns,
     summary_line,
+    task_lock_path,
     tokenizer_fingerprint,
+    verify_shards,
     with_metadata,
     with_statistics,
     write_shard_file,
@@ -68,7 +71,7 @@ def check_source(cfg: AddModelConfig) -> ShardSet:
     """Open the source shards and check the model against them (tokenizer fingerprint, existing prefix)."""
     from scoring.hf_backend import check_model_path
 
-    source = open_shards(cfg.shards)
+    source = open_shards(cfg.shards, verify=not cfg.in_place)  # in place, each shard is verified as it is read (some may be new)
     check_model_path(cfg.scorer.model)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.scorer.model, cfg.scorer.trust_remote_code)
     if tokenizer_fingerprint(tokenizer) != source.metadata["tokenizer"]["fingerprint"]:
@@ -93,6 +96,7 @@ def add_model(cfg: AddModelConfig) -> dict:
     hash_key = f"{cfg.prefix}_config_hash"
     step_hash = config_hash({"source": source.metadata["config_hash"], "model": scorer_identity(cfg.scorer), "prefix": cfg.prefix})
     max_length = source.metadata["windowing"]["max_length"]
+    lock = hold_lock(task_lock_path(out, cfg.task_index), "tokenprio add-model", f"{out} (task {cfg.task_index} of {cfg.num_tasks})")  # one writer per task
 
     # ---- one pass over this task's shards; the model loads at the first shard that needs it
     scorer: Scorer | None = None
@@ -106,6 +110,8 @@ def add_model(cfg: AddModelConfig) -> dict:
         if done is not None:
             entries.append(done)
             continue
+        if cfg.in_place:
+            verify_shards(source.folder, source.manifest, [path])
         table, metadata = read_table(path), read_metadata(path)
         digest = input_ids_digest(table)
         if metadata.get("shard", {}).get("input_ids_sha256", digest) != digest:
@@ -126,8 +132,10 @@ def add_model(cfg: AddModelConfig) -> dict:
         config=asdict(cfg), metadata=run_metadata(out, entries, source.metadata), entries=entries, skipped_messages=[],
     )
     if cfg.num_tasks > 1:
+        lock.release()
         print(f"task {cfg.task_index}/{cfg.num_tasks}: {len(entries)} shards; run `tokenprio finalize {out}` when all tasks are done")
         return task
     manifest = finalize(out, step_hash)
+    lock.release()
     print(summary_line(manifest, out))
     return manifest

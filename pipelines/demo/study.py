@@ -28,7 +28,7 @@ from tqdm import tqdm
 from pipelines.demo.data import DemoDataConfig, build_tokenizer, generate
 from pipelines.demo.metrics import study_metrics
 from pipelines.evaluate import EvalConfig, evaluate
-from scoring.shards import write_text_atomic
+from scoring.shards import atomic_write, write_text_atomic
 
 # The study's policies: name → Φ spec (docs/priority.md). Hyperparameters are the papers' defaults
 # unless docs/demo.md says they were chosen on the validation split.
@@ -307,7 +307,7 @@ def write_figure(path: Path, curves: dict[str, Path], histograms: dict[str, obje
     ax_phi.set(xlabel="Φ over target tokens (offline policies)", ylabel="tokens", title="Φ histograms (first shard)")
     ax_phi.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
