@@ -71,7 +71,7 @@ def check_source(cfg: AddModelConfig) -> ShardSet:
     """Open the source shards and check the model against them (tokenizer fingerprint, existing prefix)."""
     from scoring.hf_backend import check_model_path
 
-    source = open_shards(cfg.shards, verify=not cfg.in_place)  # in place, each shard is verified as it is read (some may be new)
+    source = open_shards(cfg.shards, verify=not cfg.in_place)  # in place, add_model verifies the shards still to do
     check_model_path(cfg.scorer.model)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.scorer.model, cfg.scorer.trust_remote_code)
     if tokenizer_fingerprint(tokenizer) != source.metadata["tokenizer"]["fingerprint"]:
@@ -96,6 +96,8 @@ def add_model(cfg: AddModelConfig) -> dict:
     hash_key = f"{cfg.prefix}_config_hash"
     step_hash = config_hash({"source": source.metadata["config_hash"], "model": scorer_identity(cfg.scorer), "prefix": cfg.prefix})
     max_length = source.metadata["windowing"]["max_length"]
+    if cfg.in_place:  # the shards this step has not rewritten yet must match the manifest; the others are its own output
+        verify_shards(source.folder, source.manifest, [p for p in source.paths if read_metadata(p).get(hash_key) != step_hash])
     lock = hold_lock(task_lock_path(out, cfg.task_index), "tokenprio add-model", f"{out} (task {cfg.task_index} of {cfg.num_tasks})")  # one writer per task
 
     # ---- one pass over this task's shards; the model loads at the first shard that needs it
@@ -110,8 +112,6 @@ def add_model(cfg: AddModelConfig) -> dict:
         if done is not None:
             entries.append(done)
             continue
-        if cfg.in_place:
-            verify_shards(source.folder, source.manifest, [path])
         table, metadata = read_table(path), read_metadata(path)
         digest = input_ids_digest(table)
         if metadata.get("shard", {}).get("input_ids_sha256", digest) != digest:
