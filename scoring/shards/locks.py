@@ -4,13 +4,14 @@
 `train` holds `.lock.train` of its run folder. The lock file records the holder's pid, host and command, so a
 second writer is refused with a message naming them. A lock is the kernel's, not the file's: when the holder
 dies (even by SIGKILL) the kernel releases it, so a lock file left behind by a dead process never blocks
-anyone, and the next writer takes it over. flock works on local file systems and on NFS (Linux emulates it
+anyone, and the next writer takes it over. A process removes its lock files when it releases them, and at exit. flock works on local file systems and on NFS (Linux emulates it
 with fcntl byte-range locks there); on a file system without locking the lock cannot be taken and the writer
 stops with a WriteError.
 """
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
@@ -60,6 +61,13 @@ class OutputLock:
 # after an exception that still references the earlier call's frame) takes the lock over instead of being
 # refused by itself. Locks exclude other processes, not threads of one process.
 _HELD: dict[str, OutputLock] = {}
+
+
+@atexit.register
+def _release_all() -> None:
+    """At exit (also after an error), remove this process's lock files; the kernel would drop the locks anyway."""
+    for lock in list(_HELD.values()):
+        lock.release()
 
 
 def task_lock_path(out: Path, task_index: int) -> Path:
