@@ -164,22 +164,37 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 DAMAGED_FIX = "it is damaged or not a tokenprio shard: rescore it (remove it and rerun the command that wrote its folder)"
+SHOWN_ERROR_CHARS = 300  # of a library's error message (pyarrow's may print a whole schema)
+
+
+def _cause(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text if len(text) <= SHOWN_ERROR_CHARS else text[:SHOWN_ERROR_CHARS] + " ..."
+
+
+def parse_json(raw: str | bytes, where: str, fix: str):
+    """json.loads, or ShardError naming `where` and `fix` for text that is not JSON, not UTF-8 or nested too deeply."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, integers too long; deep nesting
+        raise ShardError(f"{where} is not valid JSON ({_cause(error)}); {fix}.") from None
+
+
+def read_schema(path: Path) -> pa.Schema:
+    """The Arrow schema of a shard file; ShardError for a file pyarrow cannot read (a damaged footer, truncated, not Parquet)."""
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as error:
+        raise ShardError(f"{path}: not a readable Parquet file ({_cause(error)}); {DAMAGED_FIX}.") from error
 
 
 def read_metadata(path: Path) -> dict:
     """The `tokenprio` metadata of one shard file, with its schema version checked. Raises ShardError for a file
     pyarrow cannot read, metadata that is missing or not a JSON object, and an unknown schema version."""
-    try:
-        schema = pq.read_schema(path)
-    except (pa.ArrowException, OSError) as error:  # a damaged footer, a truncated file, not Parquet at all
-        raise ShardError(f"{path}: not a readable Parquet file ({error}); {DAMAGED_FIX}.") from error
-    raw = (schema.metadata or {}).get(METADATA_KEY)
+    raw = (read_schema(path).metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise ShardError(f"{path}: no 'tokenprio' metadata; this is not a tokenprio shard. Write frames with write_shards(df, like=...).")
-    try:
-        metadata = json.loads(raw)
-    except ValueError as error:  # invalid JSON or UTF-8
-        raise ShardError(f"{path}: its 'tokenprio' metadata is not valid JSON ({error}); {DAMAGED_FIX}.") from error
+    metadata = parse_json(raw, f"{path}: its 'tokenprio' metadata", DAMAGED_FIX)
     if not isinstance(metadata, dict):
         raise ShardError(f"{path}: its 'tokenprio' metadata is a JSON {type(metadata).__name__}, not an object; {DAMAGED_FIX}.")
     check_schema_version(metadata.get("schema_version", "?"), str(path))
@@ -195,10 +210,7 @@ def load_manifest(folder: Path) -> dict:
         hint = f" (task manifests found: run `tokenprio finalize {folder}`)" if list(folder.glob("_manifest.task-*.json")) else ""
         raise ShardError(f"{folder}: no {MANIFEST_NAME}; not a finished tokenprio shard folder{hint}.")
     rebuild = (f"rebuild it with `tokenprio finalize {folder}` (from the task manifests) or rerun the command that wrote {folder}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise ShardError(f"{path}: not valid JSON ({error}); the manifest is damaged: {rebuild}.") from error
+    manifest = parse_json(path.read_bytes(), f"{path}: the manifest", rebuild)
     if not isinstance(manifest, dict):
         raise ShardError(f"{path}: not a manifest (a JSON {type(manifest).__name__}); {rebuild}.")
     check_schema_version(manifest.get("schema_version", "?"), str(path))
@@ -262,7 +274,7 @@ def open_shards(folder: str | Path, verify: bool = True) -> ShardSet:
         names = None
         for path in paths:
             read_metadata(path)
-            schema = pq.read_schema(path)
+            schema = read_schema(path)
             check_column_types(schema, str(path))
             if names is not None and schema.names != names:
                 raise ShardError(f"{path}: columns {schema.names} differ from {paths[0].name}'s {names}; every shard of a folder has the "
@@ -275,11 +287,11 @@ def read_table(path: Path, columns: list[str] | None = None, validate: bool = Tr
     """Read one shard (optionally a column subset); check schema version, column types and, by default, row
     invariants. Raises ShardError, never a pyarrow error, for a file that cannot be read."""
     read_metadata(path)
+    check_column_types(read_schema(path), str(path))
     try:
         table = pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError) as error:
-        raise ShardError(f"{path}: cannot be read ({error}); {DAMAGED_FIX}.") from error
-    check_column_types(table.schema, str(path))
+        raise ShardError(f"{path}: cannot be read ({_cause(error)}); {DAMAGED_FIX}.") from error
     if validate and columns is None:
         validate_table(table, str(path))
     return table

@@ -12,7 +12,7 @@ import json
 from contextlib import ExitStack
 from pathlib import Path
 
-from scoring.shards.files import read_metadata, shard_entry, write_json_atomic
+from scoring.shards.files import parse_json, read_metadata, shard_entry, write_json_atomic
 from scoring.shards.integrity import invoking_command, manifest_checksum, run_step, shard_problem
 from scoring.shards.locks import hold_lock, task_lock_path
 from scoring.shards.schema import MANIFEST_NAME, SCHEMA_VERSION, ShardError, shard_name
@@ -73,7 +73,7 @@ def recorded_entry(out: Path, index: int, cfg_hash: str) -> dict | None:
     for path in Path(out).glob("_manifest.task-*.json"):
         try:
             task = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:  # a damaged task manifest is rewritten by this run
+        except (ValueError, RecursionError):  # a damaged task manifest is rewritten by this run
             continue
         if isinstance(task, dict) and task.get("config_hash") == cfg_hash:
             entry = next((e for e in task.get("shards", []) if isinstance(e, dict) and e.get("index") == index), None)
@@ -114,7 +114,10 @@ def finalize(out: str | Path, cfg_hash: str | None = None) -> dict:
     task_files = sorted(out.glob("_manifest.task-*.json"), key=lambda p: p.stat().st_mtime_ns)
     if not task_files:
         raise ShardError(f"{out}: no task manifests (_manifest.task-I.json); run `tokenprio score` or `tokenprio add-model` first.")
-    tasks = [json.loads(p.read_text()) for p in task_files]
+    tasks = [parse_json(p.read_bytes(), f"{p}: the task manifest", "rerun that task (complete shards are skipped)") for p in task_files]
+    for path, task in zip(task_files, tasks):
+        if not isinstance(task, dict) or not {"config_hash", "num_tasks", "n_shards", "task_index", "shards", "metadata", "config"} <= task.keys():
+            raise ShardError(f"{path}: not a task manifest (keys missing); rerun that task (complete shards are skipped).")
     cfg_hash = cfg_hash or tasks[-1]["config_hash"]
     run = [(p, t) for p, t in zip(task_files, tasks) if t["config_hash"] == cfg_hash]
     if not run:
@@ -148,7 +151,9 @@ def in_place_history(out: Path, config: dict, cfg_hash: str) -> list[dict]:
         return []
     try:
         old = json.loads(previous.read_text(encoding="utf-8"))
-    except ValueError:
+    except (ValueError, RecursionError):  # a damaged manifest is replaced by this one
+        return []
+    if not isinstance(old, dict):
         return []
     history = list(old.get("history", []))
     own = cfg_hash in {v for k, v in old.get("metadata", {}).items() if k.endswith("config_hash")}  # this step's own manifest (a rerun)
@@ -160,10 +165,13 @@ def finalize_folder(out: str | Path) -> dict:
     (a resubmitted one, say) is still writing shards or its manifest. Refuses, naming the holder, when one is."""
     out = Path(out)
     newest = max(out.glob("_manifest.task-*.json"), key=lambda p: p.stat().st_mtime_ns, default=None) if out.is_dir() else None
+    task = parse_json(newest.read_bytes(), f"{newest}: the task manifest", "rerun that task (complete shards are skipped)") if newest else {}
     try:
-        num_tasks = int(json.loads(newest.read_text(encoding="utf-8"))["num_tasks"]) if newest else 0
-    except (ValueError, KeyError, TypeError) as error:
-        raise ShardError(f"{newest}: not a valid task manifest ({error!r}); rerun that task.") from error
+        num_tasks = int(task.get("num_tasks", 0)) if isinstance(task, dict) else -1
+    except (TypeError, ValueError):
+        num_tasks = -1
+    if num_tasks < 0:
+        raise ShardError(f"{newest}: not a task manifest (no num_tasks); rerun that task (complete shards are skipped).")
     with ExitStack() as locks:
         for task_index in range(num_tasks):
             locks.enter_context(hold_lock(task_lock_path(out, task_index), "tokenprio finalize", f"{out} (task {task_index} of {num_tasks})"))
