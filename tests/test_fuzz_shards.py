@@ -251,11 +251,12 @@ def test_damaged_manifests_are_refused(valid_shard, field, value, cut, entry_fie
         assert outcome in {"refused", "read"}
 
 
-# ---- what the fuzzing found, as plain tests ----------------------------------------------------
+# ---- what the fuzzing found, and the checks it exercises, as plain tests ----------------------------------------------------
 
 
 def test_metadata_nested_too_deeply_is_a_named_error(valid_shard, tmp_path):
-    """Found: json.loads of `[[[...]]]` 50,000 deep raised RecursionError out of read_metadata."""
+    """Found by test_schema_altered_shards_are_refused_with_the_column_named (metadata `[[[...]]]` 1,987 deep): json.loads
+    raised RecursionError out of read_metadata."""
     table = pq.read_table(valid_shard)
     path = tmp_path / "deep.parquet"
     pq.write_table(table.replace_schema_metadata({METADATA_KEY: deep_json(50_000)}), path)
@@ -264,7 +265,8 @@ def test_metadata_nested_too_deeply_is_a_named_error(valid_shard, tmp_path):
 
 
 def test_a_retyped_column_is_named(valid_shard, tmp_path):
-    """Found: input_ids as list<int64> (what pandas writes after an edit) or a string column reached pyarrow.compute raw."""
+    """input_ids as list<int64> (what pandas writes after an edit) is named before pyarrow.compute sees it (a check added with
+    this suite, not found by it)."""
     table = pq.read_table(valid_shard)
     path = tmp_path / "retyped.parquet"
     index = table.schema.get_field_index("input_ids")
@@ -274,6 +276,7 @@ def test_a_retyped_column_is_named(valid_shard, tmp_path):
 
 
 def test_a_repeated_column_is_named(valid_shard, tmp_path):
+    """Refused before the fuzzing too, but by pyarrow's 'Multiple matches for FieldRef' with the whole schema; now named."""
     table = pq.read_table(valid_shard)
     path = tmp_path / "repeated.parquet"
     pq.write_table(table.append_column("weight", table.column("weight")), path)
