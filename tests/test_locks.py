@@ -23,7 +23,7 @@ import pytest
 from pipelines.add_model import AddModelConfig, add_model
 from pipelines.score import ScoreConfig, score
 from scoring.backends import ScorerConfig
-from scoring.shards import MANIFEST_NAME, OutputBusyError, finalize_folder, hold_lock, open_shards, task_lock_path, write_shard_file
+from scoring.shards import MANIFEST_NAME, OutputBusyError, finalize_folder, open_shards, task_lock_path, write_shard_file
 from training.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
