@@ -256,3 +256,32 @@ def test_the_printed_fix_restores_the_shard_exactly(tmp_path, model_dir, base_mo
         assert repaired.returncode == 0, repaired.stderr
         assert shard_bytes(folder) == good and json.loads((folder / MANIFEST_NAME).read_text())["checksum"] == checksum
         assert tokenprio("inspect", "shards", cwd=tmp_path).returncode == 0
+
+
+def test_the_fix_names_the_task_that_owns_the_shard_and_finalize(tmp_path, tokenizer_dir, monkeypatch):
+    """With --num-tasks 2, shard 1 belongs to task 1: its command, then `tokenprio finalize` (recorded from the CLI's argv)."""
+    corpus, folder = write_corpus(tmp_path / "corpus.jsonl"), tmp_path / "split"
+    monkeypatch.chdir(tmp_path)
+    for task in range(2):
+        argv = ["tokenprio", "score", "corpus.jsonl", "--tokenizer", str(tokenizer_dir), "--out", "split", "--records-per-shard", "3",
+                "--num-tasks", "2", "--task-index", str(task)]
+        monkeypatch.setattr(sys, "argv", argv)
+        score(ScoreConfig(inputs=("corpus.jsonl",), out="split", tokenizer=str(tokenizer_dir), records_per_shard=3, num_tasks=2, task_index=task))
+    monkeypatch.setattr(sys, "argv", ["tokenprio", "finalize", "split"])
+    from scoring.shards import finalize_folder
+
+    finalize_folder(folder)
+    data = bytearray((folder / "part-00001.parquet").read_bytes())
+    data[50] ^= 0x04
+    (folder / "part-00001.parquet").write_bytes(bytes(data))
+    with pytest.raises(ShardError) as refused:
+        open_shards("split")
+    assert printed_fix(str(refused.value)) == (
+        f"rm split/part-00001.parquet && tokenprio score corpus.jsonl --tokenizer {tokenizer_dir} --out split --records-per-shard 3 "
+        f"--num-tasks 2 --task-index 1 && tokenprio finalize {folder.resolve()}")
+    monkeypatch.setattr(sys, "argv", ["tokenprio", "reweight", "split", "--priority", "uniform", "--out", "new"])
+    (folder / "part-00001.parquet").write_bytes(bytes(data[:50] + bytes([data[50] ^ 0x04]) + data[51:]))  # repaired
+    reweight(ReweightConfig(shards="split", priority="uniform", out="new"))
+    (tmp_path / "new" / "part-00000.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ShardError, match=r"rewrite the folder: `rm -r new && tokenprio reweight split --priority uniform --out new`"):
+        open_shards("new")
