@@ -96,9 +96,9 @@ def add_model(cfg: AddModelConfig) -> dict:
     hash_key = f"{cfg.prefix}_config_hash"
     step_hash = config_hash({"source": source.metadata["config_hash"], "model": scorer_identity(cfg.scorer), "prefix": cfg.prefix})
     max_length = source.metadata["windowing"]["max_length"]
+    lock = hold_lock(task_lock_path(out, cfg.task_index), "tokenprio add-model", f"{out} (task {cfg.task_index} of {cfg.num_tasks})")  # one writer per task
     if cfg.in_place:  # the shards this step has not rewritten yet must match the manifest; the others are its own output
         verify_shards(source.folder, source.manifest, [p for p in source.paths if read_metadata(p).get(hash_key) != step_hash])
-    lock = hold_lock(task_lock_path(out, cfg.task_index), "tokenprio add-model", f"{out} (task {cfg.task_index} of {cfg.num_tasks})")  # one writer per task
 
     # ---- one pass over this task's shards; the model loads at the first shard that needs it
     scorer: Scorer | None = None
