@@ -261,7 +261,8 @@ def test_the_printed_fix_restores_the_shard_exactly(tmp_path, model_dir, base_mo
 
 def test_the_fix_names_the_task_that_owns_the_shard_and_finalize(tmp_path, tokenizer_dir, monkeypatch):
     """With --num-tasks 2, shard 1 belongs to task 1: its command, then `tokenprio finalize` (recorded from the CLI's argv)."""
-    corpus, folder = write_corpus(tmp_path / "corpus.jsonl"), tmp_path / "split"
+    write_corpus(tmp_path / "corpus.jsonl")
+    folder = tmp_path / "split"
     monkeypatch.chdir(tmp_path)
     for task in range(2):
         argv = ["tokenprio", "score", "corpus.jsonl", "--tokenizer", str(tokenizer_dir), "--out", "split", "--records-per-shard", "3",
