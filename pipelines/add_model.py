@@ -22,6 +22,7 @@ from scoring.shards import (
     complete_shard,
     config_hash,
     finalize,
+    hold_lock,
     input_ids_digest,
     open_shards,
     read_metadata,
@@ -30,7 +31,9 @@ from scoring.shards import (
     shard_index,
     stat_columns,
     summary_line,
+    task_lock_path,
     tokenizer_fingerprint,
+    verify_shards,
     with_metadata,
     with_statistics,
     write_shard_file,
@@ -67,7 +70,7 @@ def validate(cfg: AddModelConfig) -> list[str]:
 
 def check_source(cfg: AddModelConfig) -> tuple[ShardSet, object]:
     """Open the source shards and check the model against them (tokenizer fingerprint, existing prefix); (shards, tokenizer)."""
-    source = open_shards(cfg.shards)
+    source = open_shards(cfg.shards, verify=not cfg.in_place)  # in place, add_model verifies the shards still to do
     if cfg.scorer.backend != "vllm-server":
         check_scorer(cfg.scorer, None, source.metadata["windowing"]["max_length"])  # the model folder exists
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.scorer.model, cfg.scorer.trust_remote_code)
@@ -118,6 +121,9 @@ def add_model(cfg: AddModelConfig) -> dict:
     out = source.folder if cfg.in_place else Path(cfg.out)
     run = AddModelRun(out=str(out), prefix=cfg.prefix, hash_key=f"{cfg.prefix}_config_hash",
                       step_hash=config_hash({"source": source.metadata["config_hash"], "model": scorer_identity(cfg.scorer), "prefix": cfg.prefix}))
+    lock = hold_lock(task_lock_path(out, cfg.task_index), "tokenprio add-model", f"{out} (task {cfg.task_index} of {cfg.num_tasks})")  # one writer per task
+    if cfg.in_place:  # the shards this step has not rewritten yet must match the manifest; the others are its own output
+        verify_shards(source.folder, source.manifest, [p for p in source.paths if read_metadata(p).get(run.hash_key) != run.step_hash])
 
     # ---- this task's shards: complete ones reused, the others scored (the model loads at the first)
     done, pending = [], []
@@ -141,8 +147,10 @@ def add_model(cfg: AddModelConfig) -> dict:
         config=asdict(cfg), metadata=run_metadata(out, entries, source.metadata), entries=entries, skipped_messages=[],
     )
     if cfg.num_tasks > 1:
+        lock.release()
         print(f"task {cfg.task_index}/{cfg.num_tasks}: {len(entries)} shards; run `tokenprio finalize {out}` when all tasks are done")
         return task
     manifest = finalize(out, run.step_hash)
+    lock.release()
     print(summary_line(manifest, out))
     return manifest

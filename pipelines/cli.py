@@ -179,10 +179,10 @@ def add_model(
 @app.command()
 def finalize(shards: Annotated[str, typer.Argument(help="Shard folder whose tasks (--num-tasks N --task-index I) have all finished.")]) -> None:
     """Check that the task manifests cover every shard once and merge them into _manifest.json."""
-    from scoring.shards import finalize as finalize_shards, summary_line
+    from scoring.shards import finalize_folder, summary_line
 
     try:
-        typer.echo(summary_line(finalize_shards(shards), Path(shards)))
+        typer.echo(summary_line(finalize_folder(shards), Path(shards)))
     except (ValueError, FileNotFoundError) as error:
         fail(error)
 

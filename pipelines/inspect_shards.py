@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from scoring.frames import token_frame
-from scoring.shards import ShardError, ShardSet, open_shards, read_metadata, write_text_atomic
+from scoring.shards import ShardError, ShardSet, atomic_write, open_shards, read_metadata, write_text_atomic
 
 PHI_EDGES = np.arange(-1000, 1001) / 100  # Φ bin edges: width 0.01 on [-10, 10], plus one open bin each side
 N_BINS = len(PHI_EDGES) + 1
@@ -318,9 +317,7 @@ def write_phi_png(tally: Tally, path: Path) -> None:
     ax.set_xlabel("Φ")
     ax.set_ylabel("trainable tokens")
     ax.set_title(f"Φ over {tally.targets:,} trainable tokens")
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,10 +28,12 @@ from scoring.shards import (
     config_hash,
     corpus_metadata,
     finalize,
+    hold_lock,
     input_ids_digest,
     run_metadata,
     spec_columns,
     summary_line,
+    task_lock_path,
     with_metadata,
     with_weights,
     windows_table,
@@ -222,6 +224,7 @@ def score(cfg: ScoreConfig) -> dict:
     # ---- checks and the run's identity, before any model loads
     run = prepare(cfg)
     out = Path(cfg.out)
+    lock = hold_lock(task_lock_path(out, cfg.task_index), "tokenprio score", f"{out} (task {cfg.task_index} of {cfg.num_tasks})")  # one writer per task
 
     # ---- this task's shards: complete ones reused, the others scored and written (the model loads at the first)
     plan = ShardPlan()
@@ -240,8 +243,10 @@ def score(cfg: ScoreConfig) -> dict:
         metadata=run_metadata(out, entries, run.metadata), entries=entries, skipped_messages=skipped_messages,
     )
     if cfg.num_tasks > 1:
+        lock.release()
         print(f"task {cfg.task_index}/{cfg.num_tasks}: {len(entries)} shards; run `tokenprio finalize {out}` when all tasks are done")
         return task
     manifest = finalize(out, run.cfg_hash)
+    lock.release()
     print(summary_line(manifest, out))
     return manifest

@@ -25,7 +25,7 @@ from pipelines.score import ScoreConfig, score
 from scoring.backends import ScorerConfig
 from scoring.inputs import InputError
 from scoring.priority import PrioritySpecError
-from scoring.shards import MANIFEST_NAME, ShardError, finalize, open_shards
+from scoring.shards import MANIFEST_NAME, ShardError, finalize, manifest_checksum, open_shards, shard_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,13 +235,17 @@ def test_rerun_with_another_config_is_refused_unless_overwrite(corpus, tmp_path,
 
 
 def rewrite_first_shard(folder: Path, row: int, column: str, position: int, value: float) -> None:
-    """Corrupt one stored value in place, bypassing the contract (as a buggy external tool would)."""
+    """Corrupt one stored value in place, bypassing the contract (as a buggy external tool would), and record the
+    new file in the manifest (else verification refuses the changed file before any value is read)."""
     path = folder / "part-00000.parquet"
     table = pq.read_table(path)
     values = table.column(column).to_pylist()
     values[row][position] = value
     table = table.set_column(table.schema.get_field_index(column), table.schema.field(column), pa.array(values, table.schema.field(column).type))
     pq.write_table(table, path)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    manifest["shards"] = [shard_entry(path) if s["file"] == path.name else s for s in manifest["shards"]]
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest | {"checksum": manifest_checksum(manifest)}))
 
 
 def test_nan_in_a_stored_column_is_named(corpus, tmp_path, model_dir):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from scoring.devices import dtype_name, resolve_dtype
 from scoring.priority import Priority, default_normalize, parse_priority
-from scoring.shards import ShardSet, manifest_checksum, open_shards, write_text_atomic
+from scoring.shards import ShardSet, hold_lock, manifest_checksum, open_shards, write_text_atomic
 from scoring.stats import DEFAULT_LOGITS_BUDGET_BYTES, check_head_matches_logits, chunk_rows_for_budget
 from training.checkpoint import METRICS_NAME, checkpoint_dir, latest_checkpoint, truncate_metrics
 from training.batching import BATCHINGS, Layout
@@ -344,6 +344,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- Inputs: shards, Φ spec and student, all checked before any training
     inputs = check_inputs(cfg, device)
+    lock = hold_lock(run / ".lock.train", "tokenprio train", f"run folder {run}") if ctx.main else None  # one writer per run folder
     priority, normalize = inputs.priority, inputs.normalize
     vocab_size = inputs.model.get_output_embeddings().weight.shape[0]
 
@@ -437,5 +438,7 @@ def train(cfg: TrainConfig) -> Path:
         writer.close()
     assert last_saved == step, f"final step {step} was not checkpointed (last {last_saved})"
     shutdown(ctx)
+    if lock is not None:
+        lock.release()
     return checkpoint_dir(run, step)
 

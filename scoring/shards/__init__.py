@@ -14,23 +14,26 @@ metadata or manifests themselves:
 from scoring.shards.documents import Documents, documents_of
 from scoring.shards.files import (
     ShardSet,
+    WriteError,
+    atomic_write,
     load_manifest,
     open_shards,
     read_metadata,
     read_table,
     row_group_slices,
-    sha256_file,
     shard_entry,
     shard_paths,
     write_json_atomic,
     write_shard_file,
     write_text_atomic,
 )
+from scoring.shards.integrity import manifest_checksum, rescore_hint, sha256_file, verify_shards
+from scoring.shards.locks import OutputBusyError, OutputLock, hold_lock, task_lock_path
 from scoring.shards.manifest import (
     build_manifest,
     complete_shard,
     finalize,
-    manifest_checksum,
+    finalize_folder,
     run_metadata,
     summary_line,
     task_manifest_path,
@@ -63,6 +66,7 @@ from scoring.shards.schema import (
     with_metadata,
 )
 from scoring.shards.tables import (
+    check_column_types,
     duplicated_mask,
     flat_token_columns,
     input_ids_digest,
@@ -76,6 +80,8 @@ from scoring.shards.tables import (
 )
 
 __all__ = [
+    "OutputBusyError", "OutputLock", "WriteError", "atomic_write", "check_column_types", "finalize_folder", "hold_lock", "rescore_hint",
+    "task_lock_path", "verify_shards",
     "BASE_FIELDS", "Documents", "MANIFEST_NAME", "METADATA_KEY", "RECORD_FIELDS", "ROW_GROUP_TOKENS", "SCHEMA_VERSION", "STAT_SUFFIXES", "TOKEN_LIST_COLUMNS",
     "ShardError", "ShardSet", "build_manifest", "check_schema_version", "complete_shard", "config_hash", "corpus_metadata",
     "documents_of", "duplicated_mask", "encode_metadata", "finalize", "flat_token_columns", "has_record_fields", "input_ids_digest", "load_manifest", "manifest_checksum",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -95,9 +96,10 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def tmp_name(index: int) -> str:
-    # A leading dot: pandas and pyarrow skip it when reading the folder.
-    return f".{shard_name(index)}.tmp"
+def tmp_name(name: str) -> str:
+    """The temporary name of file `name` while this process writes it: a leading dot (pandas and pyarrow skip it
+    when reading the folder) and the writer's pid (two writers never share one)."""
+    return f".{name}.{os.getpid()}.tmp"
 
 
 def shard_index(path: str | Path) -> int:

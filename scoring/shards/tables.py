@@ -11,7 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from scoring.shards.schema import BASE_FIELDS, METADATA_KEY, TOKEN_LIST_COLUMNS, ShardError, shard_schema, stat_columns, stat_prefixes_of
+from scoring.shards.schema import (
+    BASE_FIELDS, METADATA_KEY, RECORD_FIELDS, TOKEN_LIST_COLUMNS, ShardError, shard_schema, stat_columns, stat_prefixes_of,
+)
 
 
 def unflatten(values: np.ndarray, lengths: np.ndarray) -> pa.Array:
@@ -107,8 +109,23 @@ def duplicated_mask(values: np.ndarray) -> np.ndarray:
     return seen
 
 
+def check_column_types(schema: pa.Schema, where: str) -> None:
+    """Refuse repeated column names and contract columns of another type (the base and record columns, and
+    every `{prefix}_logprob` / `{prefix}_entropy` list<float32>); raise ShardError naming the column."""
+    repeated = sorted({name for name in schema.names if schema.names.count(name) > 1})
+    if repeated:
+        raise ShardError(f"{where}: columns {repeated} appear more than once; a shard has each column once. Rewrite it.")
+    expected = {f.name: f.type for f in BASE_FIELDS + RECORD_FIELDS}
+    expected |= {name: pa.list_(pa.float32()) for name in schema.names if name.endswith(("_logprob", "_entropy"))}
+    for name in schema.names:
+        if name in expected and schema.field(name).type != expected[name]:
+            raise ShardError(f"{where}: column {name!r} is {schema.field(name).type}, the shard contract says {expected[name]}. "
+                             "Rewrite the shard through the contract's writers (scoring.frames.write_shards casts a frame).")
+
+
 def validate_table(table: pa.Table, where: str) -> None:
-    """Check the row invariants of a shard table; raise ShardError naming the file, row and column."""
+    """Check the column types and row invariants of a shard table; raise ShardError naming the file, row and column."""
+    check_column_types(table.schema, where)
     missing = [f.name for f in BASE_FIELDS if f.name not in table.schema.names]
     if missing:
         raise ShardError(f"{where}: missing columns {missing}; a shard needs {[f.name for f in BASE_FIELDS]}.")
