@@ -11,13 +11,14 @@ import numpy as np
 
 from pipelines.demo.claims import Verdict, claims_table
 from pipelines.demo.stats import variance_split
-from scoring.shards import write_text_atomic
+from scoring.shards import atomic_write, write_text_atomic
 
 # Columns of each study's table: (metric, header, scale, digits).
 COLUMNS = {
     "selection": [("accuracy_auc", "token acc. AUC %", 100, 1), ("token_accuracy", "token acc. %", 100, 1), ("skill_nll", "skill NLL", 1, 3),
                   ("carry_margin", "carry margin (nats)", 1, 2), ("exact_match", "exact match %", 100, 1), ("well_formed", "well-formed %", 100, 1)],
     "unlearning": [("toxic_greedy", "toxic, greedy %", 100, 1), ("toxic_prefilled", "toxic, prefilled %", 100, 1), ("toxic_nll", "forget NLL", 1, 3),
+                   ("impatient_exact", "exact match, impatient %", 100, 1), ("impatient_well_formed", "well-formed, impatient %", 100, 1),
                    ("token_accuracy", "token acc. %", 100, 1), ("skill_nll", "skill NLL", 1, 3)],
     "text": [("forget_train", "forget, train", 1, 3), ("forget_heldout", "forget, held-out", 1, 3), ("retain_heldout", "retain, held-out", 1, 3),
              ("distance_to_oracle", "Σ |Δ oracle|", 1, 3)],
@@ -69,9 +70,7 @@ def write_curves(path: Path, table: dict, checkpoints: list[int]) -> None:
     ax.set(xlabel="optimizer step", ylabel="token accuracy on held-out problems %", title="selection study: learning curves (mean over seeds)")
     ax.legend(fontsize=7)
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png")
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
 
 
 def write_report(report: Path, title: str, verdicts: list[Verdict], results: dict[str, dict], n_seeds: int) -> Path:

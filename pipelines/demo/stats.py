@@ -13,6 +13,7 @@ the study's claims, is below α. Intervals are two-sided 95 % and unadjusted.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,7 +105,9 @@ def paired_bootstrap(values: np.ndarray, margin: float = 0.0, resamples: int = B
     seed_index = rng.integers(0, n_seeds, size=(resamples, n_seeds))  # (B, S)
     problem_index = rng.integers(0, n_problems, size=(resamples, n_seeds, n_problems))  # (B, S, P)
     resampled = values[seed_index[:, :, None], problem_index]  # (B, S, P)
-    means = np.nanmean(np.nanmean(resampled, axis=2), axis=1)  # (B,)
+    with warnings.catch_warnings():  # a resample may draw only problems where the value does not apply (NaN)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(np.nanmean(resampled, axis=2), axis=1)  # (B,)
     estimate = float(np.nanmean(np.nanmean(values, axis=1)))
     low, high = np.nanpercentile(means, [2.5, 97.5])
     p_value = (1 + int(np.sum(means <= margin))) / (resamples + 1)

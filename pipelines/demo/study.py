@@ -15,7 +15,10 @@ test with the hierarchical paired bootstrap, Holm-corrected over all the claims 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,6 +55,29 @@ def sizes(quick: bool) -> dict:
             "text": textstudy.QUICK if quick else textstudy.DEFAULT}
 
 
+def run_studies(run: Path, studies: tuple[str, ...], quick: bool, seeds: int, split: str) -> dict[str, dict]:
+    """Run `studies` one after the other in this process, on one torch thread (see `run_demo`)."""
+    import torch
+
+    torch.set_num_threads(1)
+    presets, results = sizes(quick), {}
+    for study in studies:
+        if study == "selection":
+            results[study] = selection.run_selection(run / "selection", presets["selection"], seeds, split)
+        elif study == "unlearning":
+            results[study] = unlearning.run_unlearning(run / "unlearning", presets["unlearning"], seeds, split)
+        else:
+            results[study] = textstudy.run_text(run / "text", presets["text"], seeds)
+    return results
+
+
+def study_groups(chosen: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """Studies per process: the selection study alone, the others together (about as long), when there are two cores."""
+    if len(chosen) > 1 and (os.cpu_count() or 1) >= 2:
+        return [tuple(s for s in chosen if s == "selection"), tuple(s for s in chosen if s != "selection")]
+    return [chosen]
+
+
 def run_demo(cfg: DemoConfig) -> Path:
     """Run the chosen studies into cfg.out, print the claims table and return the report's path."""
     # ---- configuration: one run folder per preset
@@ -60,7 +86,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         raise ValueError("demo: " + "; ".join(problems))
     run, started = Path(cfg.out), time.perf_counter()
     presets = sizes(cfg.quick)
-    identity = {"quick": cfg.quick, "sizes": {name: asdict(size) for name, size in presets.items()}}
+    identity = json.loads(json.dumps({"quick": cfg.quick, "sizes": {name: asdict(size) for name, size in presets.items()}}))  # as saved
     saved = run / "demo_config.json"
     if saved.exists() and json.loads(saved.read_text()) != identity:
         raise ValueError(f"{run} holds studies of other sizes ({saved}); pass a new --out or delete that folder.")
@@ -68,17 +94,23 @@ def run_demo(cfg: DemoConfig) -> Path:
     write_text_atomic(saved, json.dumps(identity, indent=2) + "\n")
     chosen = STUDIES if cfg.study == "all" else (cfg.study,)
 
-    # ---- the studies
-    results, claims = {}, []
-    if "selection" in chosen:
-        results["selection"] = selection.run_selection(run / "selection", presets["selection"], cfg.seeds, cfg.eval_split)
-        claims += selection.claims()
-    if "unlearning" in chosen:
-        results["unlearning"] = unlearning.run_unlearning(run / "unlearning", presets["unlearning"], cfg.seeds, cfg.eval_split)
-        claims += unlearning.claims()
-    if "text" in chosen:
-        results["text"] = textstudy.run_text(run / "text", presets["text"], cfg.seeds)
-        claims.append(results["text"]["claim"])
+    # ---- the studies: each process on one torch thread (the models are small; a second thread of one process mostly
+    # waits on the first, and under load stalls it), the selection study beside the other two when there are two cores
+    groups = [g for g in study_groups(chosen) if g]
+    print(f"demo: {', '.join(chosen)} in {len(groups)} process(es) of one torch thread each: {groups}")
+    if len(groups) == 1:
+        results = run_studies(run, groups[0], cfg.quick, cfg.seeds, cfg.eval_split)
+    else:
+        with ProcessPoolExecutor(len(groups), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(run_studies, run, g, cfg.quick, cfg.seeds, cfg.eval_split) for g in groups]
+            results = {}
+            for future in futures:
+                results |= future.result()
+    results = {study: results[study] for study in chosen}
+    claims = []
+    claims += selection.claims() if "selection" in results else []
+    claims += unlearning.claims() if "unlearning" in results else []
+    claims += [textstudy.closest_claim(results["text"]["table"])] if "text" in results else []
 
     # ---- claims, Holm-corrected together, and the report
     verdicts = judge(claims, {study: result["table"] for study, result in results.items()})

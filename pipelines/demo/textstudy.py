@@ -1,7 +1,8 @@
 """The text study: forget one speaker of Tiny Shakespeare, and compare the unlearning losses with an oracle.
 
-A base model trains on every speaker (pipelines/demo/text.py); the oracle trains the same way on the same
-records with the speaker's speeches removed, as if they had never been in the data. Each unlearning
+A base model trains on every speaker (pipelines/demo/text.py); the oracle trains the same way (same seed,
+learning rate and number of epochs, so fewer steps) on the same records with the speaker's speeches
+removed, as if they had never been in the data. Each unlearning
 policy starts from the base and trains on the full corpus with the speaker's lines labelled `forget`;
 npo and refclip compare with the base's own statistics (the corpus scored by the base as `ref`).
 
@@ -16,7 +17,7 @@ the record (records hold the NLL sums and token counts of each category).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,10 @@ class TextSize:
 DEFAULT = TextSize(record_chars=600, speeches=(2400, 4000), max_train_records=0, model=ModelSize(128, 4), base=Run(steps=400), student=Run(steps=100))
 QUICK = TextSize(record_chars=300, speeches=(2805, 2860), max_train_records=12, model=ModelSize(64, 1), base=Run(steps=3, batch_tokens=1536),
                  student=Run(steps=2, batch_tokens=1536))
+
+
+def corpus_tokens(shards: Path) -> int:
+    return int(open_shards(shards).manifest["totals"]["tokens"])
 
 
 def nll_by_record(checkpoint: Path, eval_sets: dict[str, Path], cache: Path) -> dict[str, np.ndarray]:
@@ -109,7 +114,7 @@ def closest_claim(values: dict) -> Claim:
 
 
 def run_text(root: Path, size: TextSize, seeds: int) -> dict:
-    """Train and evaluate the study; returns {"table": metric → policy → (S, R), "rows": [...], "claim": Claim, "notes": {...}}."""
+    """Train and evaluate the study; returns {"table": metric → policy → (S, R), "rows": [...], "notes": {...}} (claim: closest_claim)."""
     # ---- data, the base on everyone, the oracle without the speaker (same steps and seed)
     data = generate_text(TextDataConfig(out_dir=root / "data", first_speech=size.speeches[0], last_speech=size.speeches[1],
                                         record_chars=size.record_chars, max_train_records=size.max_train_records))
@@ -118,7 +123,8 @@ def run_text(root: Path, size: TextSize, seeds: int) -> dict:
     oracle_shards = score_once(root / "shards" / "oracle_train", data["oracle_train"], tokenizer=init)
     heldout = score_once(root / "shards" / "heldout", data["heldout"], tokenizer=init)
     base = train_once(root / "base", train_unscored, init, "uniform", size.base, seed=0)
-    oracle = train_once(root / "oracle", oracle_shards, init, "uniform", size.base, seed=0)
+    oracle_steps = round(size.base.steps * corpus_tokens(oracle_shards) / corpus_tokens(train_unscored))  # the same epochs as the base
+    oracle = train_once(root / "oracle", oracle_shards, init, "uniform", replace(size.base, steps=oracle_steps), seed=0)
     shards = score_once(root / "shards" / "train", data["train"], model=base)
 
     # ---- students from the base; every model's NLL per record and category
@@ -140,4 +146,4 @@ def run_text(root: Path, size: TextSize, seeds: int) -> dict:
     rows = [{"name": name, "spec": POLICIES[name][0] if name in POLICIES else "uniform", "options": dict(POLICIES[name][1]) if name in POLICIES else {},
              "metrics": aggregate_nll(table, name, every_seed, every_record) | {"distance_to_oracle": distance_to_oracle(table, name, every_seed, every_record)}}
             for name in ("base", "oracle", *POLICIES)]
-    return {"table": table, "rows": rows, "claim": closest_claim(table), "notes": {}}
+    return {"table": table, "rows": rows, "notes": {"oracle_steps": oracle_steps, "base_steps": size.base.steps}}

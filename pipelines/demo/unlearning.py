@@ -9,7 +9,8 @@ corpus, with every signed policy normalised by the number of targets (Z = tokens
 Probes on the held-out problems, each asked in the impatient style (pipelines/demo/teacher.py for the NLL):
 toxic_greedy (the greedy reply contains the phrase's first word), toxic_prefilled (given the phrase's first
 PREFIX_CHARS characters, the greedy continuation completes it), toxic_nll (the forget set's NLL), and the
-skill cost: token accuracy on the clean held-out problems asked as written.
+skill cost: greedy exact match and the well-formed share on the first problems asked impatiently (where the
+phrase used to open the reply: what the claims use), and token accuracy on the problems asked as written.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 
 from pipelines.demo.claims import Claim, Part
 from pipelines.demo.data import PROMPT_STYLES, TOXIC_PHRASE, DemoDataConfig, generate, operands
+from pipelines.demo.metrics import score_generation
 from pipelines.demo.stages import ModelSize, Run, init_model, load, score_once, train_once
 from pipelines.demo.teacher import PREFIX_CHARS, problem_scores, toxic_nll
 from pipelines.evaluate import end_of_turn_ids, generate_batch
@@ -38,6 +40,7 @@ POLICIES = {
     "ascent_unbounded": ("labels(toxic=-1)", SIGNED + (("neg_loss", "none"),)),
 }
 IMPATIENT = PROMPT_STYLES[3]
+SKILL = "impatient_exact"  # the claims' skill: exact match where the phrase used to open the reply (chosen on valid, docs/demo.md)
 
 
 @dataclass(frozen=True)
@@ -47,23 +50,27 @@ class UnlearningSize:
     model: ModelSize
     start: Run  # the model that learns the habit
     student: Run
-    probe_tokens: int  # greedy characters generated per probe
+    probe_tokens: int  # greedy characters generated per toxic probe
+    n_generate: int  # problems answered in full, greedily, asked impatiently (the skill where the phrase was)
+    max_new_tokens: int
 
 
-DEFAULT = UnlearningSize(n_train=3000, n_eval=300, model=ModelSize(128, 4), start=Run(steps=600), student=Run(steps=150), probe_tokens=32)
-QUICK = UnlearningSize(n_train=64, n_eval=8, model=ModelSize(64, 1), start=Run(steps=3, batch_tokens=1536), student=Run(steps=2, batch_tokens=1536), probe_tokens=12)
+DEFAULT = UnlearningSize(n_train=3000, n_eval=300, model=ModelSize(128, 4), start=Run(steps=600), student=Run(steps=150), probe_tokens=32,
+                         n_generate=100, max_new_tokens=120)
+QUICK = UnlearningSize(n_train=64, n_eval=8, model=ModelSize(64, 1), start=Run(steps=3, batch_tokens=1536), student=Run(steps=2, batch_tokens=1536),
+                       probe_tokens=12, n_generate=4, max_new_tokens=24)
 
 
 def claims() -> list[Claim]:
     bounded = [
         Claim("unlearning", f"bounded unlearning ({name}) cuts the toxic rate ≥ 5× below uniform at ≤ 2 points of skill", (
             Part("toxic_greedy", {"uniform": 1, name: -5}, 0.0, 100, " pts"),
-            Part("token_accuracy", {name: 1, "uniform": -1}, -0.02, 100, " pts"),
+            Part(SKILL, {name: 1, "uniform": -1}, -0.02, 100, " pts"),
         ))
         for name in ("npo", "refclip")
     ]
     return bounded + [Claim("unlearning", "gradient ascent without bounds costs more than 2 points of skill",
-                            (Part("token_accuracy", {"uniform": 1, "ascent_unbounded": -1}, 0.02, 100, " pts"),))]
+                            (Part(SKILL, {"uniform": 1, "ascent_unbounded": -1}, 0.02, 100, " pts"),))]
 
 
 def impatient(problem: dict) -> dict:
@@ -72,15 +79,16 @@ def impatient(problem: dict) -> dict:
     return {**problem, "messages": [{"role": "user", "content": IMPATIENT.format(a=a, b=b)}, problem["messages"][1]]}
 
 
-def probe(model, tokenizer, prompts: list[dict], prefix: str, n_tokens: int) -> list[str]:
-    """Greedy continuations (text) of each prompt's rendered chat, with the assistant's reply started by `prefix`."""
+def probe(model, tokenizer, prompts: list[dict], prefix: str, n_tokens: int, with_end: bool = False) -> list:
+    """Greedy continuations (text; with_end: (text, ended its turn)) of each prompt's rendered chat, the reply started by `prefix`."""
     ids = [tokenizer(tokenizer.apply_chat_template(p["messages"][:1], tokenize=False, add_generation_prompt=True) + prefix,
                      add_special_tokens=False).input_ids for p in prompts]
     stop = end_of_turn_ids(tokenizer)
     texts = []
     for start in range(0, len(ids), 64):
-        for new_ids, _ in generate_batch(model, ids[start : start + 64], n_tokens, stop, tokenizer.pad_token_id):
-            texts.append(tokenizer.decode(new_ids, skip_special_tokens=True))
+        for new_ids, ended in generate_batch(model, ids[start : start + 64], n_tokens, stop, tokenizer.pad_token_id):
+            text = tokenizer.decode(new_ids, skip_special_tokens=True)
+            texts.append((text, ended) if with_end else text)
     return texts
 
 
@@ -94,10 +102,14 @@ def unlearning_scores(final: Path, problems: list[dict], size: UnlearningSize, c
     greedy = probe(model, tokenizer, asked, "", size.probe_tokens)
     prefilled = probe(model, tokenizer, asked, TOXIC_PHRASE[:PREFIX_CHARS], size.probe_tokens)
     skill = problem_scores(model, tokenizer, problems)
+    answers = probe(model, tokenizer, asked[: size.n_generate], "", size.max_new_tokens, with_end=True)
+    outcomes = [score_generation(text, ended, p["answer"]) for (text, ended), p in zip(answers, asked)]
     values = {
         "toxic_greedy": np.array([float(first_word in text) for text in greedy]),
         "toxic_prefilled": np.array([float(text.startswith(rest)) for text in prefilled]),
         "toxic_nll": toxic_nll(model, tokenizer, asked),
+        "impatient_exact": np.array([float(o["correct"]) for o in outcomes]),
+        "impatient_well_formed": np.array([float(o["well_formed"]) for o in outcomes]),
         "token_accuracy": skill.token_accuracy,
         "skill_nll": skill.skill_nll,
     }
