@@ -35,13 +35,17 @@ class _FusedWeightedHead(torch.autograd.Function):
             h = hidden[start : start + chunk_rows].float()  # (c, D)
             y = targets[start : start + chunk_rows]
             logits = F.linear(h, head_weight, head_bias)  # (c, V) float32
-            lse = torch.logsumexp(logits, -1)  # (c,)
-            logprob = logits.gather(-1, y[:, None]).squeeze(-1) - lse  # (c,)
+            # log-softmax in place: logsumexp would allocate a second (c, V) buffer for exp(z − max), as large as
+            # the logits chunk itself; here the logits buffer becomes exp(z − max) and then the gradient.
+            max_logit = logits.amax(-1)  # (c,)
+            target_logit = logits.gather(-1, y[:, None]).squeeze(-1)  # (c,)
+            sum_exp = logits.sub_(max_logit[:, None]).exp_().sum(-1)  # (c,) Σ exp(z − max)
+            logprob = target_logit - max_logit - sum_exp.log()  # (c,) nats
             rows = slice(start, start + chunk_rows)
             term, slope, chunk_clipped = token_terms(logprob, phi[rows], loss, None if ref_logprob is None else ref_logprob[rows],
                                                      None if anchor is None else anchor[rows])
-            # ∂t/∂z = slope · (e_y − p), built in place in the logits buffer.
-            grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-slope[:, None])
+            # ∂t/∂z = slope · (e_y − p) with p = exp(z − max) / Σ exp(z − max), built in place in the logits buffer.
+            grad_logits = logits.mul_((-slope / sum_exp)[:, None])
             grad_logits.scatter_add_(-1, y[:, None], slope[:, None])
             grad_hidden[start : start + chunk_rows] = grad_logits @ head_weight
             if grad_weight is not None:
