@@ -69,7 +69,7 @@ class SelectionSize:
 
 DEFAULT = SelectionSize(
     n_clean=3000, n_train=4000, n_pool=1500, n_eval=300, n_generate=100, max_new_tokens=120, model=ModelSize(128, 4),
-    reference=Run(steps=600), warm=Run(steps=120), student=Run(steps=300, save_every=60),
+    reference=Run(steps=900), warm=Run(steps=120), student=Run(steps=250, save_every=50),
 )
 QUICK = SelectionSize(
     n_clean=48, n_train=64, n_pool=32, n_eval=8, n_generate=4, max_new_tokens=24, model=ModelSize(64, 1),

@@ -47,7 +47,7 @@ class TextSize:
     student: Run
 
 
-DEFAULT = TextSize(record_chars=600, speeches=(2400, 4000), max_train_records=0, model=ModelSize(128, 4), base=Run(steps=400), student=Run(steps=100))
+DEFAULT = TextSize(record_chars=600, speeches=(2400, 4000), max_train_records=0, model=ModelSize(128, 4), base=Run(steps=350), student=Run(steps=100))
 QUICK = TextSize(record_chars=300, speeches=(2805, 2860), max_train_records=12, model=ModelSize(64, 1), base=Run(steps=3, batch_tokens=1536),
                  student=Run(steps=2, batch_tokens=1536))
 
