@@ -89,7 +89,7 @@ def build_shards(work: Path, row_tokens: int) -> Path:
         for i in range(0, len(text) - 6000, 6000):
             f.write(json.dumps({"id": f"s{i}", "text": text[i : i + 6000]}) + "\n")
     score(ScoreConfig(inputs=(str(source),), out=str(out), tokenizer=str(data_path("gpt2-tokenizer")), max_length=row_tokens,
-                      n_context=row_tokens // 4, long_docs="truncate"))  # truncate: one row per record, no overlap
+                      long_docs="truncate"))  # truncate: one row per record, no overlap
     return out
 
 
