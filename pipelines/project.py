@@ -30,6 +30,7 @@ from scoring.shards import (
     config_hash,
     corpus_metadata,
     documents_of,
+    hold_lock,
     input_ids_digest,
     open_shards,
     read_table,
@@ -192,9 +193,14 @@ def project_shards(cfg: ProjectConfig) -> dict:
     print(f"projecting {source.folder} ({source.metadata.get('tokenizer', {}).get('name')}) onto {cfg.tokenizer}: "
           f"max_length {max_length}, context {n_context}, phi-reduce {cfg.phi_reduce}")
 
-    # ---- one pass, each source shard into a temporary folder; removed on any error
+    # ---- one pass, each source shard into a temporary folder; removed on any error. One writer per output: the lock
+    # sits beside the output (which appears only at the end, by rename) and the output is checked again under it.
     out = Path(cfg.out)
     tmp = out.parent / f".{out.name}.project-tmp"
+    lock = hold_lock(out.parent / f".{out.name}.lock.project", "tokenprio project", f"--out {out}")
+    if out.exists() and any(out.iterdir()):
+        lock.release()
+        raise ValueError(f"--out {out} exists and is not an empty folder (another project finished it); choose a new folder.")
     shutil.rmtree(tmp, ignore_errors=True)  # a previous run's leftover (this command's own temporary name)
     entries, carried = [], {"dropped_student_targets": 0, "lost_reference_targets": 0, "lost_target_logprob": {}}
     try:
@@ -221,6 +227,8 @@ def project_shards(cfg: ProjectConfig) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        lock.release()
     print(summary_line(manifest, out))
     lost = ", ".join(f"{name} {nats:.3g}" for name, nats in carried["lost_target_logprob"].items()) or "none (no statistics)"
     print(f"projection: {carried['dropped_student_targets']} student targets without a reference target (made non-targets), "

@@ -18,6 +18,7 @@ from scoring.shards import (
     MANIFEST_NAME,
     ShardSet,
     flat_token_columns,
+    hold_lock,
     open_shards,
     read_metadata,
     read_table,
@@ -61,20 +62,23 @@ def reweight(cfg: ReweightConfig) -> dict:
     out = Path(cfg.out)
     if out.resolve() == source.folder.resolve():
         raise ValueError(f"--out {out} is the source folder; write the reweighted shards to a new folder.")
-    if (out / MANIFEST_NAME).exists():
-        raise ValueError(f"--out {out} already holds a shard set; choose a new folder.")
     priority = resolve_spec(source, cfg.priority)
     print(f"priority: {priority.text}")
+    # One writer per output folder; the folder is checked under the lock, so a reweight that finished while this one
+    # waited to start is never overwritten.
+    with hold_lock(out / ".lock.reweight", "tokenprio reweight", f"--out {out}"):
+        if (out / MANIFEST_NAME).exists():
+            raise ValueError(f"--out {out} already holds a shard set; choose a new folder.")
 
-    # ---- one pass: Φ per shard, same rows, new weight column and spec in the metadata
-    entries = []
-    for path in tqdm(source.paths, desc="reweight", unit="shard", file=sys.stderr):
-        table = with_weights(read_table(path), priority)
-        entries.append(write_shard_file(with_metadata(table, read_metadata(path) | {"priority": priority.text}), out, shard_index(path)))
+        # ---- one pass: Φ per shard, same rows, new weight column and spec in the metadata
+        entries = []
+        for path in tqdm(source.paths, desc="reweight", unit="shard", file=sys.stderr):
+            table = with_weights(read_table(path), priority)
+            entries.append(write_shard_file(with_metadata(table, read_metadata(path) | {"priority": priority.text}), out, shard_index(path)))
 
-    # ---- manifest
-    return write_manifest(
-        out, entries, run_metadata(out, entries, source.metadata),
-        config=source.manifest.get("config", {}) | {"priority": priority.text},
-        reweighted_from={"folder": str(source.folder), "checksum": source.manifest["checksum"], "spec": cfg.priority},
-    )
+        # ---- manifest
+        return write_manifest(
+            out, entries, run_metadata(out, entries, source.metadata),
+            config=source.manifest.get("config", {}) | {"priority": priority.text},
+            reweighted_from={"folder": str(source.folder), "checksum": source.manifest["checksum"], "spec": cfg.priority},
+        )

@@ -1,4 +1,4 @@
-"""One writer per output: a second `score` (or `finalize`, `add-model`, `train`) on an output folder and task that
+"""One writer per output: a second `score` (or `finalize`, `add-model`, `train`, `reweight`, `project`) on an output folder and task that
 another live process is writing is refused with the holder's pid and host; a lock file left by a killed process
 never blocks; temporary names are unique per writer.
 
@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.add_model import AddModelConfig, add_model
+from pipelines.project import ProjectConfig, project_shards
+from pipelines.reweight import ReweightConfig, reweight
 from pipelines.score import ScoreConfig, score
 from scoring.backends import ScorerConfig
 from scoring.shards import MANIFEST_NAME, OutputBusyError, finalize_folder, open_shards, task_lock_path, write_shard_file
@@ -138,6 +140,39 @@ def test_a_second_training_run_in_the_same_folder_is_refused(tmp_path, tokenizer
         stop(holder)
     final = train(TrainConfig(shards=shards, model=model_dir, out=run, batch_tokens=64, steps=1))
     assert final.name == "checkpoint-000001" and not (run / ".lock.train").exists()
+
+
+def test_a_second_reweight_is_refused_and_a_finished_one_is_never_overwritten(corpus, tmp_path, tokenizer_dir):
+    source, out = tmp_path / "source", tmp_path / "reweighted"
+    score(unscored(corpus, source, tokenizer_dir))
+    cfg = ReweightConfig(shards=str(source), priority="uniform", out=str(out))
+    holder = start_holder(out / ".lock.reweight", "tokenprio reweight")
+    try:
+        with pytest.raises(OutputBusyError, match=rf"--out {out}: tokenprio reweight \(pid {holder.pid} on "):
+            reweight(cfg)
+        assert not list(out.glob("part-*"))
+    finally:
+        stop(holder)
+    manifest = reweight(cfg)
+    with pytest.raises(ValueError, match="already holds a shard set"):  # checked under the lock
+        reweight(ReweightConfig(shards=str(source), priority="0.5", out=str(out)))
+    assert open_shards(out).manifest["checksum"] == manifest["checksum"] and not (out / ".lock.reweight").exists()
+
+
+def test_a_second_project_is_refused(corpus, tmp_path, tokenizer_dir):
+    source, out = tmp_path / "source", tmp_path / "projected"
+    score(unscored(corpus, source, tokenizer_dir))
+    cfg = ProjectConfig(shards=str(source), tokenizer=str(tokenizer_dir), out=str(out), max_length=24, n_context=4)
+    lock = tmp_path / ".projected.lock.project"
+    holder = start_holder(lock, "tokenprio project")
+    try:
+        with pytest.raises(OutputBusyError, match=rf"--out {out}: tokenprio project \(pid {holder.pid} on "):
+            project_shards(cfg)
+        assert not out.exists() and not (tmp_path / ".projected.project-tmp").exists()
+    finally:
+        stop(holder)
+    project_shards(cfg)
+    assert len(open_shards(out).paths) == 3 and not lock.exists()
 
 
 def test_a_lock_left_by_a_killed_process_does_not_block(corpus, tmp_path, tokenizer_dir):

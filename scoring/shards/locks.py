@@ -1,7 +1,8 @@
 """One writer per output: an advisory lock (fcntl.flock) on a lock file in the output folder.
 
 `score` and `add-model` hold `.lock.task-I` of their output folder for task I, `finalize` holds every task's,
-`train` holds `.lock.train` of its run folder. The lock file records the holder's pid, host and command, so a
+`train` holds `.lock.train` of its run folder, `reweight` `.lock.reweight` of its output, `project` `.NAME.lock.project`
+beside its output NAME. The lock file records the holder's pid, host and command, so a
 second writer is refused with a message naming them. A lock is the kernel's, not the file's: when the holder
 dies (even by SIGKILL) the kernel releases it, so a lock file left behind by a dead process never blocks
 anyone, and the next writer takes it over. A process removes its lock files when it releases them, and at exit. flock works on local file systems and on NFS (Linux emulates it
