@@ -142,6 +142,30 @@ def test_a_second_training_run_in_the_same_folder_is_refused(tmp_path, tokenizer
     assert final.name == "checkpoint-000001" and not (run / ".lock.train").exists()
 
 
+def test_a_run_that_saved_while_this_one_was_loading_is_not_overwritten(tmp_path, tokenizer, model_dir, monkeypatch):
+    """train reads its run folder before loading the student and again under the lock; a checkpoint that appeared in
+    between (another train that held the lock meanwhile) is refused, not trained over."""
+    import training.train as train_module
+    from train_shards import write_shards
+
+    shards = write_shards(tmp_path / "shards", tokenizer, n_rows=12, n_shards=1)
+    run = tmp_path / "run"
+    cfg = TrainConfig(shards=shards, model=model_dir, out=run, batch_tokens=64, steps=1)
+    other = train(TrainConfig(shards=shards, model=model_dir, out=tmp_path / "other", batch_tokens=64, steps=1))
+    real_check_inputs = train_module.check_inputs
+
+    def check_inputs_while_another_run_saves(*args, **kwargs):
+        inputs = real_check_inputs(*args, **kwargs)
+        (run / other.name).parent.mkdir(parents=True, exist_ok=True)
+        os.rename(other, run / other.name)  # the other run's checkpoint lands here while this one loads its student
+        return inputs
+
+    monkeypatch.setattr(train_module, "check_inputs", check_inputs_while_another_run_saves)
+    with pytest.raises(ValueError, match=rf"{run}: another process wrote checkpoint-000001 while this run was starting"):
+        train(cfg)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-000001"]  # nothing of this run was written
+
+
 def test_a_second_reweight_is_refused_and_a_finished_one_is_never_overwritten(corpus, tmp_path, tokenizer_dir):
     source, out = tmp_path / "source", tmp_path / "reweighted"
     score(unscored(corpus, source, tokenizer_dir))

@@ -344,7 +344,12 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- Inputs: shards, Φ spec and student, all checked before any training
     inputs = check_inputs(cfg, device)
-    lock = hold_lock(run / ".lock.train", "tokenprio train", f"run folder {run}") if ctx.main else None  # one writer per run folder
+    # One writer per run folder, and the folder read again under the lock: a run that saved while this one was loading
+    # is never overwritten.
+    lock = hold_lock(run / ".lock.train", "tokenprio train", f"run folder {run}") if ctx.main else None
+    if ctx.main and latest_checkpoint(run) != latest:
+        lock.release()
+        raise ValueError(f"{run}: another process wrote {latest_checkpoint(run).name} while this run was starting; rerun (with --resume to continue it).")
     priority, normalize = inputs.priority, inputs.normalize
     vocab_size = inputs.model.get_output_embeddings().weight.shape[0]
 
