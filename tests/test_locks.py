@@ -161,7 +161,7 @@ def test_a_run_that_saved_while_this_one_was_loading_is_not_overwritten(tmp_path
         return inputs
 
     monkeypatch.setattr(train_module, "check_inputs", check_inputs_while_another_run_saves)
-    with pytest.raises(ValueError, match=rf"{run}: another process wrote checkpoint-000001 while this run was starting"):
+    with pytest.raises(ValueError, match=rf"{run}: another process changed it while this run was starting \(latest checkpoint now checkpoint-000001\)"):
         train(cfg)
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-000001"]  # nothing of this run was written
 

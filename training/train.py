@@ -347,9 +347,11 @@ def train(cfg: TrainConfig) -> Path:
     # One writer per run folder, and the folder read again under the lock: a run that saved while this one was loading
     # is never overwritten.
     lock = hold_lock(run / ".lock.train", "tokenprio train", f"run folder {run}") if ctx.main else None
-    if ctx.main and latest_checkpoint(run) != latest:
+    found = latest_checkpoint(run) if ctx.main else latest
+    if found != latest:
         lock.release()
-        raise ValueError(f"{run}: another process wrote {latest_checkpoint(run).name} while this run was starting; rerun (with --resume to continue it).")
+        raise ValueError(f"{run}: another process changed it while this run was starting (latest checkpoint now {found.name if found else 'none'}); "
+                         "rerun (with --resume to continue it).")
     priority, normalize = inputs.priority, inputs.normalize
     vocab_size = inputs.model.get_output_embeddings().weight.shape[0]
 
