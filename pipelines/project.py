@@ -57,6 +57,10 @@ class ProjectConfig:
     phi_reduce: str = "mean"  # mean | min | max over the reference targets a student token overlaps
 
 
+def output_taken(out: Path) -> bool:
+    return out.exists() and (not out.is_dir() or any(out.iterdir()))
+
+
 def validate(cfg: ProjectConfig, source: ShardSet) -> tuple[int, int]:
     """Problems with the options and the source, each naming the fix; returns the (max_length, n_context) to use."""
     windowing = source.metadata.get("windowing", {})
@@ -74,7 +78,7 @@ def validate(cfg: ProjectConfig, source: ShardSet) -> tuple[int, int]:
         problems.append(f"--chat-template {cfg.chat_template}: no such file.")
     if out.resolve() == source.folder.resolve() or source.folder.resolve() in out.resolve().parents:
         problems.append(f"--out {out} is the source folder or inside it; write the projected shards to a new folder.")
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+    elif output_taken(out):
         problems.append(f"--out {out} exists and is not an empty folder; choose a new folder.")
     truncated = source.manifest.get("totals", {}).get("truncated_tokens", 0)
     if truncated:
@@ -198,12 +202,11 @@ def project_shards(cfg: ProjectConfig) -> dict:
     out = Path(cfg.out)
     tmp = out.parent / f".{out.name}.project-tmp"
     lock = hold_lock(out.parent / f".{out.name}.lock.project", "tokenprio project", f"--out {out}")
-    if out.exists() and any(out.iterdir()):
-        lock.release()
-        raise ValueError(f"--out {out} exists and is not an empty folder (another project finished it); choose a new folder.")
-    shutil.rmtree(tmp, ignore_errors=True)  # a previous run's leftover (this command's own temporary name)
     entries, carried = [], {"dropped_student_targets": 0, "lost_reference_targets": 0, "lost_target_logprob": {}}
     try:
+        if output_taken(out):
+            raise ValueError(f"--out {out} exists and is not an empty folder (another project finished it); choose a new folder.")
+        shutil.rmtree(tmp, ignore_errors=True)  # a previous run's leftover (this command's own temporary name)
         for path in tqdm(source.paths, desc="project", unit="shard", file=sys.stderr):
             table, report = project_shard(path, tokenizer, chat_template, cfg.phi_reduce, prefixes, max_length, n_context)
             index = shard_index(path)

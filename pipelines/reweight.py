@@ -38,10 +38,8 @@ class ReweightConfig:
     out: str  # new shard folder (never the source)
 
 
-def resolve_spec(source: ShardSet, spec: str):
-    """Parse the spec against the stored columns and resolve its global terms over the whole corpus."""
-    priority = parse_priority(spec, source.spec_columns)
-    check_offline(priority, "reweight")  # before a pass over the corpus
+def resolve_spec(source: ShardSet, priority):
+    """Resolve the parsed spec's global terms over the whole corpus (one pass over the stored columns)."""
     if priority.unresolved_global:
         label_names: list[str] = []  # one code table for the whole corpus, grown shard by shard
 
@@ -62,23 +60,28 @@ def reweight(cfg: ReweightConfig) -> dict:
     out = Path(cfg.out)
     if out.resolve() == source.folder.resolve():
         raise ValueError(f"--out {out} is the source folder; write the reweighted shards to a new folder.")
-    priority = resolve_spec(source, cfg.priority)
+    parsed = parse_priority(cfg.priority, source.spec_columns)
+    check_offline(parsed, "reweight")
+    # One writer per output folder, and the folder checked under the lock (before the pass over the corpus), so a
+    # reweight that finished while this one started is never overwritten.
+    lock = hold_lock(out / ".lock.reweight", "tokenprio reweight", f"--out {out}")
+    if (out / MANIFEST_NAME).exists():
+        lock.release()
+        raise ValueError(f"--out {out} already holds a shard set; choose a new folder.")
+    priority = resolve_spec(source, parsed)
     print(f"priority: {priority.text}")
-    # One writer per output folder; the folder is checked under the lock, so a reweight that finished while this one
-    # waited to start is never overwritten.
-    with hold_lock(out / ".lock.reweight", "tokenprio reweight", f"--out {out}"):
-        if (out / MANIFEST_NAME).exists():
-            raise ValueError(f"--out {out} already holds a shard set; choose a new folder.")
 
-        # ---- one pass: Φ per shard, same rows, new weight column and spec in the metadata
-        entries = []
-        for path in tqdm(source.paths, desc="reweight", unit="shard", file=sys.stderr):
-            table = with_weights(read_table(path), priority)
-            entries.append(write_shard_file(with_metadata(table, read_metadata(path) | {"priority": priority.text}), out, shard_index(path)))
+    # ---- one pass: Φ per shard, same rows, new weight column and spec in the metadata
+    entries = []
+    for path in tqdm(source.paths, desc="reweight", unit="shard", file=sys.stderr):
+        table = with_weights(read_table(path), priority)
+        entries.append(write_shard_file(with_metadata(table, read_metadata(path) | {"priority": priority.text}), out, shard_index(path)))
 
-        # ---- manifest
-        return write_manifest(
-            out, entries, run_metadata(out, entries, source.metadata),
-            config=source.manifest.get("config", {}) | {"priority": priority.text},
-            reweighted_from={"folder": str(source.folder), "checksum": source.manifest["checksum"], "spec": cfg.priority},
-        )
+    # ---- manifest
+    manifest = write_manifest(
+        out, entries, run_metadata(out, entries, source.metadata),
+        config=source.manifest.get("config", {}) | {"priority": priority.text},
+        reweighted_from={"folder": str(source.folder), "checksum": source.manifest["checksum"], "spec": cfg.priority},
+    )
+    lock.release()
+    return manifest
